@@ -1,0 +1,1 @@
+"""The admin API: health, readiness, metrics (and later keys, tenants, analytics)."""

@@ -1,0 +1,1 @@
+"""One small module per decision; each check is `async def decide(ctx) -> Decision`."""

@@ -1,0 +1,57 @@
+"""RequestContext: the facts about one request, each written by exactly one check."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp.web import BaseRequest
+
+    from shieldproxy.decision import Decision
+    from shieldproxy.errors import ShieldError
+    from shieldproxy.routes import Route
+
+
+class RequestContext:
+    """Per-request facts. Slots keep it small; each field names the check that sets it."""
+
+    __slots__ = (
+        "client_ip",
+        "decision",
+        "path",
+        "peer_trusted",
+        "query",
+        "request",
+        "request_id",
+        "response_headers",
+        "route",
+        "shadow_denials",
+        "started",
+        "upstream_error",
+        "upstream_headers",
+    )
+
+    def __init__(self, request: BaseRequest, request_id: str, started: float) -> None:
+        self.request = request
+        self.request_id = request_id  # handler: generated, or kept from a trusted proxy
+        self.started = started  # handler: loop time at arrival
+        self.path = ""  # checks.request_target: canonical path (matching and forwarding)
+        self.query = ""  # checks.request_target: raw query string, without "?"
+        self.client_ip = ""  # checks.client_ip: the real client address
+        self.peer_trusted = False  # checks.client_ip: the socket peer is a trusted proxy
+        self.route: Route | None = None  # checks.route: the matched [[routes]] entry
+        self.decision: Decision | None = None  # pipeline: the final decision
+        self.shadow_denials: list[Decision] | None = None  # pipeline: "would deny" results
+        self.response_headers: list[tuple[str, str]] | None = None  # checks: added to response
+        self.upstream_headers: list[tuple[str, str]] | None = None  # checks: identity to upstream
+        self.upstream_error: ShieldError | None = None  # forwarder: fault after headers were sent
+
+    def add_upstream_header(self, name: str, value: str) -> None:
+        if self.upstream_headers is None:
+            self.upstream_headers = []
+        self.upstream_headers.append((name, value))
+
+    def add_response_header(self, name: str, value: str) -> None:
+        if self.response_headers is None:
+            self.response_headers = []
+        self.response_headers.append((name, value))

@@ -1,0 +1,267 @@
+"""Forward an allowed request to the upstream and stream the answer back.
+
+Headers are filtered once per direction: hop-by-hop fields (RFC 9110 §7.6.1) and any
+field the `Connection` header nominates never cross the proxy; forwarding fields the
+client could forge are replaced by ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
+from yarl import URL
+
+from shieldproxy.context import RequestContext
+from shieldproxy.errors import (
+    BodyIncomplete,
+    BodyTimeout,
+    BodyTooLarge,
+    ClientBodyError,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from shieldproxy.upstream import ResponseHead, UpstreamConnection, UpstreamPool
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Request fields we set ourselves, or that claim a client address we did not see.
+_REPLACED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"forwarded",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-request-id",
+    }
+)
+SKIP_REQUEST = HOP_BY_HOP | _REPLACED
+SKIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_SMALL_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardSettings:
+    max_body_bytes: int
+    body_timeout: float
+    preserve_host: bool
+
+
+def nominated(values: list[str]) -> frozenset[bytes]:
+    """Header names listed in `Connection` (besides the keep-alive/close/upgrade tokens)."""
+    tokens = {t.strip().lower() for value in values for t in value.split(",")}
+    tokens -= {"", "close", "keep-alive", "upgrade"}
+    return frozenset(token.encode("latin-1", "replace") for token in tokens)
+
+
+def _strip_request_header(name: bytes, extra: frozenset[bytes]) -> bool:
+    lname = name.lower()
+    if lname in SKIP_REQUEST or lname.startswith(b"x-shield-") or lname in extra:
+        return True
+    # Underscore spellings (X_Forwarded_For) are read as dashes by some frameworks.
+    return b"_" in lname and lname.replace(b"_", b"-") in SKIP_REQUEST
+
+
+class Forwarder:
+    """Turns one allowed request into one upstream exchange and one client response."""
+
+    def __init__(self, pool: UpstreamPool, upstream_url: URL, settings: ForwardSettings) -> None:
+        self.pool = pool
+        self.settings = settings
+        default_port = 443 if upstream_url.scheme == "https" else 80
+        netloc = upstream_url.raw_host or ""
+        if upstream_url.port not in (None, default_port):
+            netloc = f"{netloc}:{upstream_url.port}"
+        self._host_line = f"Host: {netloc}\r\n".encode("latin-1")
+        self._base_path = upstream_url.raw_path.rstrip("/")
+
+    async def forward(self, ctx: RequestContext) -> web.StreamResponse:
+        request = ctx.request
+        head = self._request_head(ctx)
+        method = request.method
+        has_body = request.body_exists
+        conn = await self.pool.acquire()
+        try:
+            response_head = await self._exchange(ctx, conn, head, has_body)
+        except UpstreamUnavailable:
+            conn.close()
+            retry = conn.requests_served > 1 and not conn.received_any
+            if not (retry and not has_body and method in _IDEMPOTENT):
+                raise
+            # A pooled connection the upstream had already closed: one fresh attempt.
+            conn = await self.pool.connect()
+            try:
+                response_head = await self._exchange(ctx, conn, head, has_body)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            return await self._respond(ctx, conn, response_head)
+        finally:
+            self.pool.release(conn)
+
+    async def _exchange(
+        self, ctx: RequestContext, conn: UpstreamConnection, head: bytes, has_body: bool
+    ) -> ResponseHead:
+        conn.begin(head_request=ctx.request.method == "HEAD")
+        if not has_body:
+            conn.write(head)
+        else:
+            await self._send_body(ctx, conn, head)
+        return await conn.response_head()
+
+    def _request_head(self, ctx: RequestContext) -> bytes:
+        request = ctx.request
+        target = self._base_path + ctx.path
+        if ctx.query:
+            target = f"{target}?{ctx.query}"
+        connection = request.headers.getall("Connection", ())
+        extra = nominated(connection) if connection else frozenset()
+        parts = [f"{request.method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
+        for name, value in request.raw_headers:
+            if not _strip_request_header(name, extra):
+                parts += (name, b": ", value, b"\r\n")
+        headers = request.headers
+        if self.settings.preserve_host and (host := headers.get("Host")):
+            parts.append(f"Host: {host}\r\n".encode("latin-1", "replace"))
+        else:
+            parts.append(self._host_line)
+        parts.append(self._forwarding_fields(ctx))
+        if request.body_exists:
+            length = request.content_length
+            if length is not None:
+                parts.append(b"Content-Length: %d\r\n" % length)
+            else:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+        if ctx.upstream_headers:
+            for name_s, value_s in ctx.upstream_headers:
+                parts.append(f"{name_s}: {value_s}\r\n".encode("latin-1", "replace"))
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _forwarding_fields(self, ctx: RequestContext) -> bytes:
+        headers = ctx.request.headers
+        peer = ctx.request.remote or ""
+        if ctx.peer_trusted:
+            chain = ", ".join(headers.getall("X-Forwarded-For", ()))
+            xff = f"{chain}, {peer}" if chain else peer
+            proto = headers.get("X-Forwarded-Proto", "http")
+            host = headers.get("X-Forwarded-Host") or headers.get("Host", "")
+        else:
+            xff, proto, host = ctx.client_ip, "http", headers.get("Host", "")
+        return (
+            f"X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\n"
+            f"X-Forwarded-Host: {host}\r\nX-Request-Id: {ctx.request_id}\r\n"
+        ).encode("latin-1", "replace")
+
+    async def _send_body(self, ctx: RequestContext, conn: UpstreamConnection, head: bytes) -> None:
+        request = ctx.request
+        content = request.content
+        length = request.content_length
+        settings = self.settings
+        try:
+            if length is not None and length <= _SMALL_BODY:
+                async with asyncio.timeout(settings.body_timeout):
+                    body = await content.readexactly(length)
+                conn.write(head + body)
+                return
+            conn.write(head)
+            chunked = length is None
+            sent = 0
+            while True:
+                async with asyncio.timeout(settings.body_timeout):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+                sent += len(chunk)
+                if settings.max_body_bytes and sent > settings.max_body_bytes:
+                    raise BodyTooLarge(f"request body exceeds {settings.max_body_bytes} bytes")
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+            elif sent != length:
+                raise BodyIncomplete("the client sent less than its Content-Length")
+        except TimeoutError:
+            raise BodyTimeout("request body timeout") from None
+        except (HttpProcessingError, asyncio.IncompleteReadError, ConnectionError):
+            raise BodyIncomplete("the request body was cut short") from None
+
+    async def _respond(
+        self, ctx: RequestContext, conn: UpstreamConnection, head: ResponseHead
+    ) -> web.StreamResponse:
+        headers = self._response_headers(ctx, head)
+        status = head.status
+        if conn.complete:
+            if ctx.request.method == "HEAD" or status in (204, 304):
+                empty = web.Response(status=status, headers=headers)
+                if head.content_length is not None and status != 204:
+                    empty.headers["Content-Length"] = str(head.content_length)
+                return empty
+            return web.Response(status=status, headers=headers, body=conn.take_body())
+        response = web.StreamResponse(status=status, headers=headers)
+        if head.content_length is not None:
+            response.content_length = head.content_length
+        await response.prepare(ctx.request)
+        try:
+            while chunk := await conn.read_chunk():
+                await response.write(chunk)
+        except UpstreamError as exc:
+            # Headers are gone already: cut the client connection so it sees a truncated
+            # response instead of a clean end.
+            ctx.upstream_error = exc
+            conn.close()
+            transport = ctx.request.transport
+            if transport is not None:
+                transport.close()
+        return response
+
+    def _response_headers(self, ctx: RequestContext, head: ResponseHead) -> CIMultiDict[str]:
+        extra: frozenset[bytes] = frozenset()
+        for name, value in head.headers:
+            if name.lower() == b"connection":
+                extra = extra | nominated([value.decode("latin-1")])
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname not in SKIP_RESPONSE and lname not in extra:
+                headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        headers["X-Request-Id"] = ctx.request_id
+        if ctx.response_headers:
+            for name_s, value_s in ctx.response_headers:
+                headers[name_s] = value_s
+        if "Server" not in headers:
+            headers["Server"] = "shieldproxy"
+        return headers
+
+
+__all__ = ["ClientBodyError", "ForwardSettings", "Forwarder", "nominated"]

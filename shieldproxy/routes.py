@@ -1,0 +1,73 @@
+"""Route table: [[routes]] patterns compiled once, matched on the canonical path."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from shieldproxy.config import RouteConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One compiled [[routes]] entry; `name` is the label used by metrics and limits."""
+
+    name: str
+    config: RouteConfig
+    pattern: re.Pattern[str]
+    methods: frozenset[str]
+
+    def matches(self, method: str, path: str) -> bool:
+        return (not self.methods or method in self.methods) and (
+            self.pattern.fullmatch(path) is not None
+        )
+
+
+def compile_pattern(path: str) -> re.Pattern[str]:
+    """`/v1/chat/*` (prefix, any depth), `/v1/*/items` (`*` = one segment), `**` any depth.
+
+    Matching ignores case and a trailing slash, so `/V1/Chat/` cannot dodge a rule written
+    for `/v1/chat`; the path itself is already canonical (no `//`, `/./`, `%2e`).
+    """
+    body = path.rstrip("/") or "/"
+    if body.endswith("/*"):
+        prefix = body[:-2]
+        return re.compile(_glob(prefix) + r"(?:/.*)?/?", re.IGNORECASE)
+    suffix = "/?" if body != "/" else ""
+    return re.compile(_glob(body) + suffix, re.IGNORECASE)
+
+
+def _glob(text: str) -> str:
+    parts = re.split(r"(\*\*|\*)", text)
+    out = []
+    for part in parts:
+        if part == "**":
+            out.append(".*")
+        elif part == "*":
+            out.append("[^/]*")
+        else:
+            out.append(re.escape(part))
+    return "".join(out)
+
+
+class RouteTable:
+    """First matching route wins, in config order."""
+
+    __slots__ = ("routes",)
+
+    def __init__(self, configs: tuple[RouteConfig, ...]) -> None:
+        self.routes = tuple(
+            Route(
+                name=config.name,
+                config=config,
+                pattern=compile_pattern(config.path),
+                methods=frozenset(config.methods),
+            )
+            for config in configs
+        )
+
+    def match(self, method: str, path: str) -> Route | None:
+        for route in self.routes:
+            if route.matches(method, path):
+                return route
+        return None

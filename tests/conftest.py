@@ -1,0 +1,3 @@
+"""Fixtures shared by every test: real processes on free loopback ports."""
+
+pytest_plugins = ["tests.fixtures.processes"]
