@@ -348,11 +348,11 @@ def _describe(error: Any) -> str:
     if kind in _MESSAGES:
         message = _MESSAGES[kind]
     elif kind == "greater_than":
-        message = f"must be > {ctx['gt']}"
+        message = f"must be > {_number(ctx['gt'])}"
     elif kind == "greater_than_equal":
-        message = f"must be >= {ctx['ge']}"
+        message = f"must be >= {_number(ctx['ge'])}"
     elif kind == "less_than_equal":
-        message = f"must be <= {ctx['le']}"
+        message = f"must be <= {_number(ctx['le'])}"
     elif kind == "literal_error":
         message = f"must be one of {ctx['expected']}"
     elif kind == "value_error":
@@ -362,6 +362,10 @@ def _describe(error: Any) -> str:
     else:
         message = error["msg"][0].lower() + error["msg"][1:]
     return f"{path or 'config'}: {message}"
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

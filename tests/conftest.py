@@ -1,3 +1,3 @@
 """Fixtures shared by every test: real processes on free loopback ports."""
 
-pytest_plugins = ["tests.fixtures.processes"]
+pytest_plugins = ["tests.fixtures.processes", "tests.fixtures.redis_servers"]
