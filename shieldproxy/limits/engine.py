@@ -1,0 +1,431 @@
+"""RateLimiter: one atomic store call per request, plus over-limit cache, fallback and leases."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shieldproxy.limits import keys
+from shieldproxy.limits.cache import OverLimitCache
+from shieldproxy.limits.fallback import LocalFallback, QuotaBacklog
+from shieldproxy.limits.model import Hit, Strategy
+from shieldproxy.store.base import (
+    CallResult,
+    LimitCall,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    batch_admits,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterSettings:
+    # Keys go under the store's prefix; setting this is only for a limiter that must differ.
+    prefix: str | None = None
+    heartbeat_interval_seconds: float = 5.0
+    instance_ttl_seconds: float = 15.0  # an instance missing 3 heartbeats no longer counts
+    closed_retry_after_seconds: float = 1.0  # Retry-After for store_unavailable (the cool-down)
+    cache_max_entries: int = 100_000
+    fallback_max_entries: int = 100_000
+    quota_backlog_max_counters: int = 100_000  # quota counters owed to a store that was down
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """One hit's outcome, for headers and decision logs."""
+
+    name: str
+    limit: int
+    remaining: int
+    reset_seconds: float
+    allowed: bool
+    shadow_denied: bool
+    used: int = 0  # quota only: units counted this period, overage included
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Concurrency slots held by one admitted request; pass to RateLimiter.release when done."""
+
+    token: str
+    calls: tuple[LimitCall, ...]
+    local: bool  # granted by the degraded-mode fallback, so released there
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    # "" | "rate_limited" | "quota_exceeded" | "concurrency_limited" | "store_unavailable"
+    code: str
+    states: tuple[LimitState, ...]  # one per hit, in order
+    retry_after: float | None  # whole seconds >= 1 when denied
+    degraded: bool  # answered by the local fallback because the store failed
+    lease: Lease | None
+
+
+@dataclass(slots=True)
+class LimiterStats:
+    """Plain counters that metrics.py exports; no labels by key or IP by construction."""
+
+    checks: int = 0
+    denied: int = 0
+    cache_denied: int = 0  # denied from the over-limit cache without a store call
+    shadow_denied: int = 0
+    degraded: int = 0  # answered by fallback
+    store_errors: int = 0
+    release_errors: int = 0
+    charge_errors: int = 0
+    quota_owed: int = 0  # quota units admitted during an outage, queued for the store
+    quota_recharged: int = 0  # ... of which charged to the store after it recovered
+    quota_dropped: int = 0  # ... of which dropped because the backlog was full
+
+
+ALLOWED_NOTHING = Verdict(True, "", (), None, False, None)
+
+
+class RateLimiter:
+    """The one place that turns hits into a verdict. Build once per process, pass it in."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        settings: LimiterSettings | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        # Quota periods are calendar months: their ends are wall-clock instants.
+        self._wall = wall_clock
+        self._settings = settings or LimiterSettings()
+        self._prefix = self._settings.prefix or store.prefix
+        self._cache = OverLimitCache(max_entries=self._settings.cache_max_entries)
+        self._local = LocalFallback(max_entries=self._settings.fallback_max_entries)
+        self._backlog = QuotaBacklog(max_counters=self._settings.quota_backlog_max_counters)
+        self._settling: asyncio.Task[None] | None = None
+        self._instance_id = uuid.uuid4().hex
+        self._seq = itertools.count()
+        self._leases: dict[str, Lease] = {}
+        self._degraded = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self.stats = LimiterStats()
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store is failing and limits are answered by fallback policy."""
+        return self._degraded
+
+    @property
+    def live_instances(self) -> int:
+        return self._local.live_instances
+
+    async def start(self) -> None:
+        """Begin heartbeats (live-instance count for fallback limits). Call once from server."""
+        await self._beat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+            self._heartbeat_task = None
+            with contextlib.suppress(StoreError):
+                await self._store.heartbeat(self._instance_id, 0)  # leave the live set now
+        for lease in list(self._leases.values()):
+            await self.release(lease)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._backlog:
+            await self._settle_backlog()  # last chance; what still fails is logged as lost
+            if self._backlog:
+                lost = sum(c.cost for c in self._backlog.take())
+                self.stats.quota_dropped += lost
+                log.error("%d quota units owed to the store were lost at shutdown", lost)
+
+    # ---- the hot path ---------------------------------------------------------------------------
+
+    async def check(self, hits: Sequence[Hit]) -> Verdict:
+        """Admit and consume all hits, or deny and consume nothing."""
+        if not hits:
+            return ALLOWED_NOTHING
+        self.stats.checks += 1
+        now = self._clock()
+        token = f"{self._instance_id}:{next(self._seq)}"
+        calls = [self._call(h, token, h.cost) for h in hits]
+        if len({c.key for c in calls}) < len(calls):
+            return await self._check_merged(hits, [c.key for c in calls])
+        cached: tuple[float, int] | None = None
+        for i, (h, c) in enumerate(zip(hits, calls, strict=True)):
+            if h.rule.shadow or h.cost < 1 or h.rule.strategy == "concurrency":
+                continue
+            until = self._cache.denied_until(_cache_key(c), h.cost, now)
+            if until is not None and (cached is None or until > cached[0]):
+                cached = (until, i)  # the longest wait decides, as in _verdict
+        if cached is not None:
+            self.stats.cache_denied += 1
+            return self._cached_denial(hits, cached[1], cached[0] - now)
+        try:
+            results = await self._store.acquire(calls)
+        except StoreError as exc:
+            return self._fallback(hits, calls, token, exc)
+        self._degraded = False
+        if self._backlog:
+            self._owed_to_store()
+        verdict = self._verdict(hits, calls, results, token, degraded=False)
+        for h, c, r in zip(hits, calls, results, strict=True):
+            # A quota denial is cached until the period ends: only a new period (a new key) or
+            # a larger plan (a new cache key, see _cache_key) can admit before that.
+            cacheable = h.rule.strategy != "concurrency" and not h.rule.shadow and h.cost >= 1
+            if cacheable and not r.allowed and r.retry_ms > 0:
+                self._cache.put(_cache_key(c), now + r.retry_ms / 1000, h.cost)
+        return verdict
+
+    async def peek(self, hits: Sequence[Hit]) -> Verdict:
+        """Current state of each hit's counter, consuming nothing (a cost-0 evaluation)."""
+        return await self.check([dataclasses.replace(h, cost=0) for h in hits])
+
+    async def _check_merged(self, hits: Sequence[Hit], keys_: list[str]) -> Verdict:
+        # Two hits on one key (the same rule matched twice) must count once with both costs:
+        # stores evaluate a request's calls before committing any, so duplicates would not see
+        # each other.
+        first: dict[str, int] = {}
+        merged: list[Hit] = []
+        index: list[int] = []
+        for h, k in zip(hits, keys_, strict=True):
+            j = first.setdefault(k, len(merged))
+            if j == len(merged):
+                merged.append(h)
+            else:
+                merged[j] = dataclasses.replace(merged[j], cost=merged[j].cost + h.cost)
+            index.append(j)
+        v = await self.check(merged)
+        return dataclasses.replace(v, states=tuple(v.states[j] for j in index))
+
+    async def release(self, lease: Lease) -> None:
+        """Free a lease's concurrency slots. Idempotent; never raises; survives cancellation."""
+        if self._leases.pop(lease.token, None) is None:
+            return
+        if lease.local:
+            self._local.release(lease.calls)
+            return
+        await self._shielded(self._release_remote(lease))
+
+    async def charge(self, hits: Sequence[Hit], amount: int) -> None:
+        """Debit `amount` more units after the response (e.g. AI tokens used). Never raises."""
+        hits = [h for h in hits if h.rule.strategy != "concurrency"]
+        if amount <= 0 or not hits:
+            return
+        token = f"{self._instance_id}:{next(self._seq)}"
+        calls = [self._call(h, token, amount) for h in hits]
+        await self._shielded(self._charge_remote(hits, calls))
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _call(self, hit: Hit, token: str, cost: int) -> LimitCall:
+        rule = hit.rule
+        return LimitCall(
+            key=keys.limit_key(self._prefix, rule, hit.subject),
+            strategy=rule.strategy,
+            limit=rule.requests,
+            window_ms=rule.window_ms,
+            burst=rule.ceiling,
+            cost=max(0, cost),
+            shadow=rule.shadow,
+            token=token,
+            period_end_ms=round(rule.period_end * 1000) if rule.strategy == "quota" else 0,
+        )
+
+    def _verdict(
+        self,
+        hits: Sequence[Hit],
+        calls: Sequence[LimitCall],
+        results: Sequence[CallResult],
+        token: str,
+        *,
+        degraded: bool,
+    ) -> Verdict:
+        allowed = batch_admits(calls, results)
+        states = tuple(
+            LimitState(
+                name=h.rule.name,
+                limit=c.burst,
+                remaining=max(0, r.remaining),
+                reset_seconds=max(0, r.reset_ms) / 1000,
+                allowed=r.allowed,
+                shadow_denied=h.rule.shadow and not r.allowed,
+                used=r.used,
+            )
+            for h, c, r in zip(hits, calls, results, strict=True)
+        )
+        self.stats.shadow_denied += sum(s.shadow_denied for s in states)
+        if allowed:
+            held = tuple(
+                c
+                for c, r in zip(calls, results, strict=True)
+                if c.strategy == "concurrency" and r.allowed and c.cost > 0
+            )
+            lease = Lease(token, held, degraded) if held else None
+            if lease is not None:
+                self._leases[token] = lease
+            return Verdict(True, "", states, None, degraded, lease)
+        self.stats.denied += 1
+        # The longest wait decides: retrying sooner would be denied by that limit again.
+        retry_ms, strategy = max(
+            (r.retry_ms, c.strategy)
+            for c, r in zip(calls, results, strict=True)
+            if not r.allowed and not c.shadow
+        )
+        return Verdict(False, _code(strategy), states, _retry_seconds(retry_ms), degraded, None)
+
+    def _now_ms(self) -> int:
+        return math.floor(self._clock() * 1000)
+
+    def _cached_denial(self, hits: Sequence[Hit], index: int, wait: float) -> Verdict:
+        # Hits we did not evaluate report their full limit: nothing was consumed from them, and
+        # the denying hit (remaining 0) is what the headers' most-restrictive choice will pick.
+        states = tuple(
+            LimitState(h.rule.name, h.rule.ceiling, 0, wait, False, False)
+            if i == index
+            else LimitState(h.rule.name, h.rule.ceiling, h.rule.ceiling, 0.0, True, False)
+            for i, h in enumerate(hits)
+        )
+        self.stats.denied += 1
+        code = _code(hits[index].rule.strategy)
+        return Verdict(False, code, states, _retry_seconds(wait * 1000), False, None)
+
+    def _fallback(
+        self, hits: Sequence[Hit], calls: Sequence[LimitCall], token: str, exc: StoreError
+    ) -> Verdict:
+        """Answer without the store, per rule: enforce locally, let through, or refuse."""
+        self._degraded = True
+        self.stats.store_errors += 1
+        self.stats.degraded += 1
+        if not isinstance(exc, StoreUnavailable):
+            log.error("rate-limit store misuse, answering from fallback: %s", exc)
+        if any(h.rule.on_store_error == "closed" and not h.rule.shadow for h in hits):
+            states = tuple(
+                LimitState(h.rule.name, h.rule.ceiling, 0, 0.0, False, False) for h in hits
+            )
+            retry = _retry_seconds(self._settings.closed_retry_after_seconds * 1000)
+            return Verdict(False, "store_unavailable", states, retry, True, None)
+        wall_ms = math.floor(self._wall() * 1000)
+        view, results = self._local.acquire(hits, calls, self._now_ms(), wall_ms)
+        verdict = self._verdict(hits, view, results, token, degraded=True)
+        if verdict.allowed:
+            self._owe(calls)
+        return verdict
+
+    async def _release_remote(self, lease: Lease) -> None:
+        try:
+            await self._store.release(lease.calls)
+        except StoreError as exc:
+            # The lease expires by itself after window_seconds; nothing leaks for good.
+            self.stats.release_errors += 1
+            log.warning("could not release concurrency lease: %s", exc)
+
+    async def _charge_remote(self, hits: Sequence[Hit], calls: Sequence[LimitCall]) -> None:
+        try:
+            await self._store.charge(calls)
+        except StoreError as exc:
+            self.stats.charge_errors += 1
+            log.warning("could not charge usage to the store: %s", exc)
+            self._local.charge(hits, calls, self._now_ms())
+            self._owe(calls)
+            return
+        if self._backlog:
+            self._owed_to_store()
+
+    # ---- quota units owed to the store after an outage ----------------------------------------
+
+    def _owe(self, calls: Sequence[LimitCall]) -> None:
+        """Queue the quota units of an admitted request the store could not count."""
+        self.stats.quota_owed += sum(c.cost for c in calls if c.strategy == "quota")
+        self._requeue(calls)
+
+    def _requeue(self, calls: Sequence[LimitCall]) -> None:
+        dropped = self._backlog.dropped_units
+        self._backlog.add(calls)
+        self.stats.quota_dropped += self._backlog.dropped_units - dropped
+
+    def _owed_to_store(self) -> None:
+        """The store answered again: charge what it is owed, once, in the background."""
+        if self._closing or (self._settling is not None and not self._settling.done()):
+            return
+        self._settling = asyncio.create_task(self._settle_backlog())
+        self._background.add(self._settling)
+        self._settling.add_done_callback(self._background.discard)
+
+    async def _settle_backlog(self) -> None:
+        owed = self._backlog.take()
+        if not owed:
+            return
+        try:
+            await self._store.charge(owed)
+        except StoreError as exc:
+            # Unknown outcome (e.g. a timeout after the script ran) is re-queued: charging a
+            # unit twice is the lesser evil for billing than never charging it.
+            self._requeue(owed)
+            log.warning("could not charge %d owed quota counters yet: %s", len(owed), exc)
+            return
+        self.stats.quota_recharged += sum(c.cost for c in owed)
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Releases and charges run after the response, often from a task that is being cancelled
+        # (client gone); shielding lets the store call finish instead of leaking the slot.
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _beat(self) -> None:
+        try:
+            live = await self._store.heartbeat(
+                self._instance_id, self._settings.instance_ttl_seconds
+            )
+        except StoreError as exc:
+            # Keep the last known count: during an outage it is the best estimate we have.
+            self._degraded = True
+            log.debug("heartbeat failed: %s", exc)
+            return
+        self._local.live_instances = max(1, live)
+        self._degraded = False
+        if self._backlog:
+            self._owed_to_store()
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._closing:  # also stops the loop if a cancel were ever lost in a store call
+            await asyncio.sleep(self._settings.heartbeat_interval_seconds)
+            await self._beat()
+
+
+def _code(strategy: Strategy) -> str:
+    if strategy == "quota":
+        return "quota_exceeded"
+    return "concurrency_limited" if strategy == "concurrency" else "rate_limited"
+
+
+def _cache_key(call: LimitCall) -> str:
+    # The limit is part of the cache key: a plan upgraded mid-period must not stay denied until
+    # the period ends (the storage key deliberately ignores the limit, see keys.quota_key).
+    return f"{call.key}#{call.limit}"
+
+
+def _retry_seconds(ms: float) -> float:
+    # Whole seconds, at least 1, rounded up so that a client retrying after it is not early.
+    return float(max(1, math.ceil(ms / 1000)))

@@ -1,0 +1,247 @@
+"""RateLimiter on a real Redis: over-limit cache, breaker, fallback policies, recovery, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shieldproxy.limits import Hit, LimiterSettings, LimitRule, RateLimiter
+from shieldproxy.limits.fallback import QuotaBacklog
+from shieldproxy.limits.keys import limit_key
+from shieldproxy.store import LimitCall, Store, open_store
+from shieldproxy.store.redis import RedisStore
+from tests.fixtures.redis_servers import RedisServer
+
+# Real servers: a hang must fail this test, never stall the suite.
+pytestmark = pytest.mark.timeout(60)
+
+BUDGET = 0.05
+COOLDOWN = 0.3
+
+
+@pytest.fixture
+async def store(fault_redis: RedisServer, tmp_path: Path) -> AsyncIterator[Store]:
+    """A store with the production-like 50 ms budget, for the fault tests."""
+    s = open_store(
+        fault_redis.url, data_dir=tmp_path, timeout_seconds=BUDGET,
+        breaker_cooldown_seconds=COOLDOWN,
+    )  # fmt: skip
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def roomy(fault_redis: RedisServer, tmp_path: Path) -> AsyncIterator[RedisStore]:
+    """A generous budget: these tests assert exact counts, which a loaded CI box must not turn
+    into timeouts and fallback answers."""
+    s = open_store(fault_redis.url, data_dir=tmp_path, timeout_seconds=5.0)
+    assert isinstance(s, RedisStore)
+    yield s
+    await s.close()
+
+
+def rule(
+    name: str, policy: str = "local", requests: int = 10, strategy: str = "token_bucket"
+) -> LimitRule:
+    return LimitRule(name, "ip", strategy, requests, 3600, on_store_error=policy)  # type: ignore[arg-type]
+
+
+async def test_flood_past_the_limit_costs_no_redis_calls(
+    roomy: RedisStore, fault_redis: RedisServer
+) -> None:
+    limiter = RateLimiter(roomy)
+    r = rule("flood", requests=5)
+    for _ in range(5):
+        assert (await limiter.check([Hit(r, "attacker")])).allowed
+    assert not (await limiter.check([Hit(r, "attacker")])).allowed  # the store says: until T
+    before = fault_redis.commandstats().get("evalsha", 0)
+    for _ in range(2000):
+        v = await limiter.check([Hit(r, "attacker")])
+        assert not v.allowed and v.retry_after is not None and v.retry_after >= 600
+    assert fault_redis.commandstats().get("evalsha", 0) == before
+    assert limiter.stats.cache_denied == 2000
+    assert (await limiter.check([Hit(r, "someone-else")])).allowed  # others still go to Redis
+    assert fault_redis.commandstats()["evalsha"] == before + 1
+
+
+@pytest.mark.slow
+async def test_dead_redis_fallback_policies_and_recovery(
+    store: Store, fault_redis: RedisServer
+) -> None:
+    fast = LimiterSettings(heartbeat_interval_seconds=0.05)
+    first, second = RateLimiter(store, settings=fast), RateLimiter(store, settings=fast)
+    await first.start()
+    await second.start()
+    await asyncio.sleep(0.12)  # a heartbeat or two: each instance now sees both
+    assert first.live_instances == 2
+    local, opened, closed = rule("local", "local"), rule("open", "open"), rule("closed", "closed")
+    assert (await first.check([Hit(local, "c")])).allowed
+    fault_redis.kill9()
+
+    # local: this instance enforces ceil(10 / 2) = 5 on its own
+    got = [await first.check([Hit(local, "c")]) for _ in range(7)]
+    assert all(v.degraded for v in got) and first.degraded
+    assert [v.allowed for v in got] == [True] * 5 + [False] * 2
+    assert got[-1].code == "rate_limited"
+    # open: never a 429 because of the store
+    v = await first.check([Hit(opened, "c")] * 1 + [Hit(local, "d")])
+    assert v.allowed and v.degraded
+    for _ in range(50):
+        assert (await first.check([Hit(opened, "c")])).allowed
+    # closed: refuse with store_unavailable
+    v = await first.check([Hit(closed, "c"), Hit(opened, "c")])
+    assert (v.allowed, v.code, v.retry_after, v.degraded) == (False, "store_unavailable", 1, True)
+
+    fault_redis.restart_empty()  # back, with no data and no scripts
+    await asyncio.sleep(COOLDOWN + 0.05)
+    v = await first.check([Hit(local, "c")])
+    assert v.allowed and not v.degraded and not first.degraded  # NOSCRIPT handled silently
+    assert v.states[0].remaining == 9
+    await first.close()
+    await second.close()
+
+
+@pytest.mark.slow
+async def test_hung_redis_never_holds_a_request_past_the_budget(
+    store: Store, fault_redis: RedisServer
+) -> None:
+    limiter = RateLimiter(store)
+    r = rule("hung", "open")
+    assert (await limiter.check([Hit(r, "x")])).allowed
+    fault_redis.pause()
+    try:
+        durations = []
+        for _ in range(40):
+            t = time.monotonic()
+            v = await limiter.check([Hit(r, "x")])
+            durations.append(time.monotonic() - t)
+            assert v.allowed and v.degraded
+        assert max(durations) < BUDGET * 2
+        # three failures open the breaker; after that nobody waits
+        assert sum(d > BUDGET / 2 for d in durations) == 3
+        await asyncio.sleep(COOLDOWN + 0.05)
+        t = time.monotonic()
+        assert (await limiter.check([Hit(r, "x")])).degraded  # the one probe, still hung
+        assert time.monotonic() - t < BUDGET * 2
+    finally:
+        fault_redis.resume()
+    await asyncio.sleep(COOLDOWN + 0.05)
+    v = await limiter.check([Hit(r, "x")])
+    assert v.allowed and not v.degraded
+
+
+async def test_script_cache_flush_is_transparent(
+    roomy: RedisStore, fault_redis: RedisServer
+) -> None:
+    limiter = RateLimiter(roomy)
+    r = rule("noscript")
+    assert not (await limiter.check([Hit(r, "x")])).degraded
+    fault_redis.cli("SCRIPT", "FLUSH")
+    v = await limiter.check([Hit(r, "x")])
+    assert v.allowed and not v.degraded and v.states[0].remaining == 8
+
+
+async def test_release_and_charge_never_raise_when_store_is_down(
+    store: Store, fault_redis: RedisServer
+) -> None:
+    limiter = RateLimiter(store)
+    conc = rule("conc", strategy="concurrency", requests=1)
+    v = await limiter.check([Hit(conc, "x")])
+    assert v.lease is not None
+    fault_redis.kill9()
+    await limiter.release(v.lease)
+    await limiter.charge([Hit(rule("tb"), "x")], 5)
+    assert limiter.stats.release_errors == 1 and limiter.stats.charge_errors == 1
+
+
+async def test_concurrent_checks_share_one_round_trip(
+    roomy: RedisStore, fault_redis: RedisServer
+) -> None:
+    assert isinstance(roomy, RedisStore)
+    limiter = RateLimiter(roomy, settings=LimiterSettings(cache_max_entries=1))
+    r = rule("coalesce", "closed", requests=100)
+    r2 = rule("per-client", "closed", requests=1000, strategy="sliding_log")
+    await limiter.check([Hit(r, "warm")])  # loads the script
+    before = fault_redis.commandstats().get("evalsha", 0)
+    trips = roomy.stats.round_trips
+    verdicts = await asyncio.gather(
+        *(limiter.check([Hit(r, "shared"), Hit(r2, f"c{i % 7}")]) for i in range(300))
+    )
+    assert sum(v.allowed for v in verdicts) == 100  # exact under coalescing
+    assert roomy.stats.round_trips - trips <= 5
+    assert fault_redis.commandstats()["evalsha"] - before <= 5
+
+
+async def test_cancelled_callers_do_not_leak_concurrency_slots(
+    roomy: RedisStore, fault_redis: RedisServer
+) -> None:
+    limiter = RateLimiter(roomy)
+    conc = rule("slots", strategy="concurrency", requests=3)
+    cancelled = 0
+    for i in range(120):
+        task = asyncio.create_task(limiter.check([Hit(conc, "x")]))
+        # cancel before sending, while the script runs, as the reply lands, or after it
+        for _ in range(i % 5):
+            await asyncio.sleep(0)
+        await asyncio.sleep([0, 0.0001, 0.0003, 0.001][i % 4])
+        task.cancel()
+        result = (await asyncio.gather(task, return_exceptions=True))[0]
+        if isinstance(result, asyncio.CancelledError):
+            cancelled += 1
+        else:
+            assert not isinstance(result, BaseException)
+            if result.lease is not None:
+                await limiter.release(result.lease)
+    assert cancelled > 20
+    key = limit_key("sp:", conc, "x")
+    deadline = time.monotonic() + 5
+    await asyncio.sleep(0.05)  # let in-flight batches reach Redis
+    while fault_redis.cli("ZCARD", key) != "0":  # orphan releases finish in the background
+        assert time.monotonic() < deadline, "leases of cancelled callers were never released"
+        await asyncio.sleep(0.01)
+    got = [await limiter.check([Hit(conc, "x")]) for _ in range(3)]
+    assert all(v.allowed for v in got)
+    assert roomy.stats.orphan_releases > 0  # the cancelled-mid-flight path was exercised
+
+
+async def test_quota_fails_open_and_owed_units_reach_the_store_after_recovery(
+    store: Store, fault_redis: RedisServer
+) -> None:
+    limiter = RateLimiter(store)
+    q = LimitRule("quota", "key", "quota", 3, 30 * 86_400, period_end=time.time() + 86_400)
+    assert (await limiter.check([Hit(q, "k@P")])).allowed
+    fault_redis.kill9()
+    got = [await limiter.check([Hit(q, "k@P")]) for _ in range(5)]
+    # a store outage never turns into quota_exceeded, even past the limit...
+    assert all(v.allowed and v.degraded for v in got)
+    await limiter.charge([Hit(q, "k@P")], 10)
+    # ...but "closed" still closes, and a denied request owes nothing
+    closed = dataclasses.replace(q, on_store_error="closed")
+    assert (await limiter.check([Hit(closed, "k@P")])).code == "store_unavailable"
+    assert (limiter.stats.quota_owed, limiter.stats.quota_recharged) == (15, 0)
+
+    fault_redis.restart_empty()  # back (empty: this test server keeps nothing on disk)
+    await asyncio.sleep(COOLDOWN + 0.05)
+    v = await limiter.check([Hit(q, "k@P")])
+    assert v.allowed and not v.degraded
+    deadline = time.monotonic() + 5
+    while limiter.stats.quota_recharged < 15:  # charged in the background
+        assert time.monotonic() < deadline, "owed quota units never reached the store"
+        await asyncio.sleep(0.01)
+    v = await limiter.peek([Hit(q, "k@P")])
+    assert v.states[0].used == 16 and limiter.stats.quota_dropped == 0
+    await limiter.close()
+
+
+def test_quota_backlog_merges_per_counter_and_counts_drops() -> None:
+    backlog = QuotaBacklog(max_counters=2)
+    calls = [LimitCall(f"q{i % 3}", "quota", 5, 1000, 5, 2, False, f"t{i}", 0) for i in range(6)]
+    backlog.add([*calls, LimitCall("rl", "fixed_window", 5, 1000, 5, 1, False, "t", 0)])
+    assert len(backlog) == 2 and backlog.dropped_units == 4  # q2 did not fit
+    assert sorted((c.key, c.cost) for c in backlog.take()) == [("q0", 4), ("q1", 4)]
+    assert len(backlog) == 0

@@ -1,0 +1,42 @@
+"""RateLimit headers from verdicts."""
+
+from __future__ import annotations
+
+from shieldproxy.limits import Hit, LimitRule, LimitState, Verdict, rate_limit_headers
+
+
+def test_draft_and_legacy_headers() -> None:
+    a = LimitRule("per-ip", "ip", "sliding_window", 100, 60)
+    b = LimitRule('chat"key', "key", "token_bucket", 10, 1, burst=20)
+    shadow = LimitRule("trial", "ip", "fixed_window", 1, 60, shadow=True)
+    v = Verdict(
+        False, "rate_limited",
+        (LimitState("per-ip", 100, 40, 12.2, True, False),
+         LimitState('chat"key', 20, 0, 0.05, False, False),
+         LimitState("trial", 1, 0, 3, False, True)),
+        1.0, False, None,
+    )  # fmt: skip
+    h = dict(rate_limit_headers([Hit(a, "ip"), Hit(b, "k"), Hit(shadow, "ip")], v))
+    assert h["RateLimit-Policy"] == '"per-ip";q=100;w=60, "chat\\"key";q=20;w=1'
+    assert h["RateLimit"] == '"per-ip";r=40;t=13, "chat\\"key";r=0;t=1'
+    assert (h["X-RateLimit-Limit"], h["X-RateLimit-Remaining"], h["X-RateLimit-Reset"]) == (
+        "20", "0", "1",
+    )  # fmt: skip
+    assert h["Retry-After"] == "1"
+
+
+def test_no_rules_no_headers() -> None:
+    assert rate_limit_headers([], Verdict(True, "", (), None, False, None)) == []
+
+
+def test_quota_policy_window_is_the_period() -> None:
+    month = 30 * 86_400
+    q = LimitRule("quota", "key", "quota", 1000, month, period_end=1_700_000_000 + month)
+    v = Verdict(
+        False, "quota_exceeded", (LimitState("quota", 1000, 0, 3600.5, False, False, 1000),),
+        3601.0, False, None,
+    )  # fmt: skip
+    h = dict(rate_limit_headers([Hit(q, "k@1700000000")], v))
+    assert h["RateLimit-Policy"] == f'"quota";q=1000;w={month}'
+    assert h["RateLimit"] == '"quota";r=0;t=3601'
+    assert h["Retry-After"] == "3601"

@@ -1,0 +1,92 @@
+"""Cancellation safety: no pooled connection is ever left out of step (cf. CVE-2023-28858)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shieldproxy.store import LimitCall, StoreError
+from shieldproxy.store.breaker import CircuitBreaker
+from shieldproxy.store.redis import RedisStore
+from tests.fixtures.redis_servers import RedisServer
+
+# Real servers: a hang must fail this test, never stall the suite.
+pytestmark = pytest.mark.timeout(60)
+
+BIG = "x" * 200_000  # replies large enough to arrive in several reads
+
+
+def make(url: str, budget: float) -> RedisStore:
+    breaker = CircuitBreaker(failures=10**9, cooldown_seconds=0, clock=time.monotonic)
+    return RedisStore.from_url(
+        url, prefix="sp:", timeout_seconds=budget, breaker=breaker, records_timeout_seconds=budget
+    )
+
+
+@pytest.fixture
+async def tight(fault_redis: RedisServer) -> AsyncIterator[RedisStore]:
+    s = make(fault_redis.url, 0.0005)
+    yield s
+    await s.close()
+
+
+def limit_call(i: int) -> LimitCall:
+    # A distinct limit per key: the reply's "remaining" says which request it answers.
+    return LimitCall(f"sp:rl:{{c|{i}}}:fixed_window:600000", "fixed_window", 1000 + i, 600_000,
+                     1000 + i, 1, False, f"t{i}")  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_replies_match_requests_after_timeouts_mid_reply(
+    fault_redis: RedisServer, tmp_path: Path
+) -> None:
+    setup = make(fault_redis.url, 2.0)
+    for i in range(20):
+        # sizes from 100 kB to 2 MB: some replies beat the budget, some are cut mid-read
+        await setup.put_record("doc", str(i), {"id": i, "pad": BIG[:100_000] * (i + 1)})
+    await setup.close()
+    store = make(fault_redis.url, 0.0005)  # a budget that expires mid-read
+    ok = timeouts = 0
+    for n in range(400):
+        i = n % 20
+        try:
+            if n % 2:
+                doc = await store.get_record("doc", str(i))
+                assert doc is not None and doc["id"] == i
+            else:
+                res = await store.acquire([limit_call(n)])
+                assert res[0].remaining == 1000 + n - 1
+            ok += 1
+        except StoreError:
+            timeouts += 1
+    await store.close()
+    assert ok > 50 and timeouts > 20, (ok, timeouts)
+
+
+async def test_cancelled_callers_never_desynchronise_the_pool(fault_redis: RedisServer) -> None:
+    store = make(fault_redis.url, 2.0)
+    await store.put_record("doc", "big", {"id": "big", "pad": BIG})
+    rnd = random.Random(7)
+
+    async def one(n: int) -> None:
+        if n % 2:
+            doc = await store.get_record("doc", "big")
+            assert doc is not None and doc["id"] == "big"
+        else:
+            res = await store.acquire([limit_call(n)])
+            assert res[0].remaining == 1000 + n - 1
+
+    for n in range(300):
+        task = asyncio.create_task(one(n))
+        for _ in range(rnd.randrange(0, 6)):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # Every later reply must belong to its own request.
+    await asyncio.gather(*(one(n) for n in range(1000, 1100)))
+    await store.close()
