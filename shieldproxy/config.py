@@ -81,7 +81,10 @@ class ServerConfig(Section):
     max_header_count: int = Field(100, ge=8, le=1000, description="more headers → 431")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=0, description="0 = unlimited; more → 413")
     header_timeout_seconds: Seconds = Field(
-        10.0, description="a connection that sends no complete request head this long is closed"
+        10.0, description="a request head still incomplete after this long → 408 and close"
+    )
+    keepalive_timeout_seconds: Seconds = Field(
+        75.0, description="close a connection that sends nothing for this long"
     )
     body_timeout_seconds: Seconds = Field(30.0, description="silence inside a body → 408")
     shutdown_timeout_seconds: Seconds = Field(30.0, description="drain budget on SIGTERM")
@@ -129,6 +132,8 @@ class StoreConfig(Section):
     prefix: str = Field("sp:", min_length=1, description="prefix of every Redis key")
     timeout_seconds: Seconds = Field(0.05, description="per storage call on the hot path")
     on_store_error: Literal["local", "open", "closed"] = "local"
+    breaker_failures: int = Field(3, ge=1, description="consecutive failures that open the breaker")
+    breaker_cooldown_seconds: Seconds = Field(1.0, description="open breaker: wait, then probe")
 
     @field_validator("url")
     @classmethod
@@ -138,8 +143,40 @@ class StoreConfig(Section):
         return value
 
 
+class RateLimitsConfig(Section):
+    """How limits are keyed and advertised (the rules themselves are [[limits]] and routes)."""
+
+    expose_headers: bool = Field(True, description="send RateLimit-* headers to clients")
+    legacy_headers: bool = Field(True, description="also send X-RateLimit-Limit/-Remaining/-Reset")
+    ipv4_prefix_length: int = Field(32, ge=8, le=32, description="ip_prefix scope for IPv4")
+    ipv6_prefix_length: int = Field(64, ge=16, le=128, description="ip_prefix scope for IPv6")
+    charge_header: str = Field(
+        "", description="upstream response header whose integer is debited after the response"
+    )
+
+
 class AuthConfig(Section):
+    """API keys: where they are read, how they are hashed, how long the cache may trust them."""
+
     required: bool = Field(True, description="a route may set auth = false")
+    key_env: str = Field("live", pattern=r"^[a-z0-9]{1,8}$", description="the <env> in sp_<env>_")
+    key_secret: SecretStr = Field(SecretStr(""), description="HMAC secret for key hashes")
+    key_secret_file: str = Field("", description="read key_secret from this file")
+    query_parameter: str = Field("", description="also accept the key in ?<name>=; empty = off")
+    cache_ttl_seconds: Seconds = Field(30.0, description="re-read a cached key after this long")
+    max_stale_seconds: float = Field(
+        600.0, ge=0, description="store down: keep honouring a cached key this long"
+    )
+
+
+class PlanConfig(Section):
+    """A tenant plan: shared limits and a monthly quota for all of the tenant's keys."""
+
+    limits: tuple[LimitConfig, ...] = ()
+    monthly_quota: int = Field(0, ge=0, description="requests per billing month; 0 = none")
+    overage: Literal["block", "allow"] = Field("block", description="past the quota: 429 or bill")
+    price_monthly_cents: int = Field(0, ge=0, description="base price, for billing")
+    price_per_1k_overage_cents: int = Field(0, ge=0, description="overage price, for billing")
 
 
 class GeoConfig(Section):
@@ -208,17 +245,23 @@ class Config(Section):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     store: StoreConfig = StoreConfig()
+    rate_limits: RateLimitsConfig = RateLimitsConfig()
     auth: AuthConfig = AuthConfig()
     geo: GeoConfig = GeoConfig()
     admin: AdminConfig = AdminConfig()
     limits: tuple[LimitConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    plans: dict[str, PlanConfig] = {}
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         names = [limit.name for limit in self.limits] + [
             limit.name for route in self.routes for limit in route.limits
         ]
+        for plan_name, plan in self.plans.items():
+            if not plan_name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"plan name {plan_name!r}: use letters, digits, '-' and '_'")
+            names += [limit.name for limit in plan.limits]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"limit names must be unique, repeated: {', '.join(duplicates)}")
@@ -306,17 +349,22 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     target[key] = value
 
 
+_SECRET_FILES = (("admin", "token"), ("auth", "key_secret"))
+
+
 def _resolve_secret_files(data: dict[str, Any]) -> None:
-    """`token_file` fills `token` when `token` itself is not given."""
-    admin = data.get("admin")
-    if isinstance(admin, dict) and admin.get("token_file") and not admin.get("token"):
-        file_path = Path(str(admin["token_file"]))
-        try:
-            admin["token"] = file_path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                [f"admin.token_file: cannot read {file_path}: {exc.strerror}"]
-            ) from None
+    """`<name>_file` fills the secret `<name>` when the secret itself is not given."""
+    for section_name, key in _SECRET_FILES:
+        section = data.get(section_name)
+        file_key = f"{key}_file"
+        if isinstance(section, dict) and section.get(file_key) and not section.get(key):
+            file_path = Path(str(section[file_key]))
+            try:
+                section[key] = file_path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    [f"{section_name}.{file_key}: cannot read {file_path}: {exc.strerror}"]
+                ) from None
 
 
 _MESSAGES = {
@@ -380,13 +428,16 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 
 def _did_you_mean(loc: tuple[Any, ...]) -> str:
     model: Any = Config
+    skip_next = False
     for item in loc[:-1]:
-        if isinstance(item, int):
+        if isinstance(item, int) or skip_next:
+            skip_next = False
             continue
         field = model.model_fields.get(item)
         if field is None:
             return ""
         annotation = field.annotation
+        skip_next = getattr(annotation, "__origin__", None) is dict  # the next item is a name
         args = getattr(annotation, "__args__", ())
         model = next((arg for arg in (annotation, *args) if _is_model(arg)), None)
         if model is None:

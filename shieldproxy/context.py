@@ -9,6 +9,9 @@ if TYPE_CHECKING:
 
     from shieldproxy.decision import Decision
     from shieldproxy.errors import ShieldError
+    from shieldproxy.keys.records import KeyView
+    from shieldproxy.limits.engine import Verdict
+    from shieldproxy.limits.model import Hit, LimitRule
     from shieldproxy.routes import Route
 
 
@@ -18,7 +21,14 @@ class RequestContext:
     __slots__ = (
         "client_ip",
         "decision",
+        "extra_limits",
+        "key",
+        "key_id",
+        "key_source",
+        "limit_hits",
+        "limit_verdict",
         "path",
+        "peer_ip",
         "peer_trusted",
         "query",
         "request",
@@ -27,6 +37,8 @@ class RequestContext:
         "route",
         "shadow_denials",
         "started",
+        "tenant_id",
+        "upstream_charge",
         "upstream_error",
         "upstream_headers",
     )
@@ -38,12 +50,22 @@ class RequestContext:
         self.path = ""  # checks.request_target: canonical path (matching and forwarding)
         self.query = ""  # checks.request_target: raw query string, without "?"
         self.client_ip = ""  # checks.client_ip: the real client address
+        self.peer_ip = ""  # checks.client_ip: the socket peer, normalised
         self.peer_trusted = False  # checks.client_ip: the socket peer is a trusted proxy
         self.route: Route | None = None  # checks.route: the matched [[routes]] entry
-        self.decision: Decision | None = None  # pipeline: the final decision
+        self.key: KeyView | None = None  # checks.api_key: the authenticated key
+        self.key_id = ""  # checks.api_key: id of the authenticated key
+        self.key_source = ""  # checks.api_key: authorization | x-api-key | query
+        self.tenant_id = ""  # checks.api_key: the key's tenant
+        # checks.api_key: the key's and its plan's limits and quotas, as (rule, subject)
+        self.extra_limits: tuple[tuple[LimitRule, str], ...] = ()
+        self.limit_hits: list[Hit] | None = None  # checks.rate_limit: limits applied
+        self.limit_verdict: Verdict | None = None  # checks.rate_limit: their outcome
+        self.decision: Decision | None = None  # handler: a fault's answer, when one happened
         self.shadow_denials: list[Decision] | None = None  # pipeline: "would deny" results
         self.response_headers: list[tuple[str, str]] | None = None  # checks: added to response
         self.upstream_headers: list[tuple[str, str]] | None = None  # checks: identity to upstream
+        self.upstream_charge = 0  # forwarder: units the upstream reported (charge_header)
         self.upstream_error: ShieldError | None = None  # forwarder: fault after headers were sent
 
     def add_upstream_header(self, name: str, value: str) -> None:
@@ -51,7 +73,8 @@ class RequestContext:
             self.upstream_headers = []
         self.upstream_headers.append((name, value))
 
-    def add_response_header(self, name: str, value: str) -> None:
+    def add_response_headers(self, headers: list[tuple[str, str]]) -> None:
         if self.response_headers is None:
-            self.response_headers = []
-        self.response_headers.append((name, value))
+            self.response_headers = headers
+        else:
+            self.response_headers.extend(headers)

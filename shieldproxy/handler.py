@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import orjson
 from aiohttp import web
 
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import Decision, deny
 from shieldproxy.errors import ShieldError, UpstreamError, fault_decision
 from shieldproxy.metrics import UNMATCHED_ROUTE
-from shieldproxy.state import ProxyState
+from shieldproxy.responses import deny_response
+from shieldproxy.state import ProxyState, Runtime
 from shieldproxy.websocket import is_websocket_upgrade, relay_websocket
-
-_CLOSE_AFTER = frozenset({400, 408, 413, 414, 431})  # the rest of the request is unread
 
 
 class ProxyHandler:
@@ -34,11 +32,13 @@ class ProxyHandler:
         try:
             decision = await runtime.pipeline.run(ctx)
             if decision.allowed:
-                response = await self._forward(ctx)
+                response = await self._forward(ctx, runtime)
             else:
                 response = deny_response(ctx, decision)
         finally:
             metrics.in_flight -= 1
+            if ctx.limit_verdict is not None:
+                await settle_limits(ctx, runtime)
         route = ctx.route.name if ctx.route is not None else UNMATCHED_ROUTE
         final = ctx.decision or decision
         verdict = "allow" if final.allowed else "deny"
@@ -47,7 +47,7 @@ class ProxyHandler:
         metrics.record(route, response.status, verdict, final.code, self._clock() - started)
         return response
 
-    async def _forward(self, ctx: RequestContext) -> web.StreamResponse:
+    async def _forward(self, ctx: RequestContext, runtime: Runtime) -> web.StreamResponse:
         request = ctx.request
         expect = request.headers.get("Expect")
         if expect is not None:
@@ -55,11 +55,10 @@ class ProxyHandler:
                 return self._fault(ctx, deny(417, "expectation_failed", "unsupported Expect"))
             if request.version >= (1, 1):
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        forwarder = self._state.runtime.forwarder
         try:
             if is_websocket_upgrade(request):
-                return await relay_websocket(ctx, self._state.runtime)
-            response = await forwarder.forward(ctx)
+                return await relay_websocket(ctx, runtime)
+            response = await runtime.forwarder.forward(ctx)
         except ShieldError as exc:
             if isinstance(exc, UpstreamError):
                 self._state.metrics.upstream_error(exc.kind)
@@ -73,29 +72,11 @@ class ProxyHandler:
         return deny_response(ctx, decision)
 
 
-def deny_response(ctx: RequestContext, decision: Decision) -> web.Response:
-    """The contract's JSON error body, with the decision's headers."""
-    body = orjson.dumps(
-        {
-            "error": {
-                "code": decision.code,
-                "message": decision.message,
-                "request_id": ctx.request_id,
-            }
-        }
-    )
-    response = web.Response(status=decision.status, body=body, content_type="application/json")
-    headers = response.headers
-    headers["X-Request-Id"] = ctx.request_id
-    for name, value in decision.headers:
-        headers[name] = value
-    if decision.retry_after is not None:
-        headers["Retry-After"] = str(decision.retry_after)
-    if decision.status == 401:
-        headers.setdefault("WWW-Authenticate", "Bearer")
-    if ctx.response_headers:
-        for name, value in ctx.response_headers:
-            headers[name] = value
-    if decision.status in _CLOSE_AFTER:
-        response.force_close()
-    return response
+async def settle_limits(ctx: RequestContext, runtime: Runtime) -> None:
+    """After the response: free concurrency slots, debit what the upstream reported using."""
+    verdict = ctx.limit_verdict
+    assert verdict is not None
+    if verdict.lease is not None:
+        await runtime.limiter.release(verdict.lease)
+    if runtime.charge_header and ctx.upstream_charge and ctx.limit_hits:
+        await runtime.limiter.charge(ctx.limit_hits, ctx.upstream_charge)

@@ -61,6 +61,13 @@ class ProxyMetrics:
         self.upstream_errors: dict[str, int] = {}
         self.in_flight = 0
         self.reloads: dict[str, int] = {}
+        self.limiter: dict[str, int] = {}  # RateLimiter.stats, copied at snapshot time
+        self.degraded_workers = 0
+        self._limiter_source: Any = None
+
+    def watch_limiter(self, limiter: Any) -> None:
+        """Include a RateLimiter's plain counters and degraded flag in every snapshot."""
+        self._limiter_source = limiter
 
     def record(self, route: str, status: int, decision: str, reason: str, seconds: float) -> None:
         key = (route, _STATUS_CLASS.get(status // 100, "other"), decision)
@@ -88,7 +95,15 @@ class ProxyMetrics:
     # -- snapshots for multi-worker totals ----------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
+        source = self._limiter_source
+        if source is not None:
+            self.limiter = {
+                name: getattr(source.stats, name) for name in source.stats.__dataclass_fields__
+            }
+            self.degraded_workers = int(source.degraded)
         return {
+            "limiter": self.limiter,
+            "degraded_workers": self.degraded_workers,
             "requests": [[*key, n] for key, n in self.requests.items()],
             "denials": [[*key, n] for key, n in self.denials.items()],
             "request_latency": {r: [h.counts, h.total] for r, h in self.request_latency.items()},
@@ -118,8 +133,11 @@ class ProxyMetrics:
             self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
         for outcome, n in snap.get("reloads", {}).items():
             self.reloads[outcome] = self.reloads.get(outcome, 0) + n
+        for name, n in snap.get("limiter", {}).items():
+            self.limiter[name] = self.limiter.get(name, 0) + n
         if gauges:
             self.in_flight += int(snap.get("in_flight", 0))
+            self.degraded_workers += int(snap.get("degraded_workers", 0))
 
 
 class SnapshotFiles:
@@ -225,4 +243,18 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
     yield reloads
     yield GaugeMetricFamily(
         "shieldproxy_in_flight_requests", "Requests being answered now.", value=m.in_flight
+    )
+    limiter = CounterMetricFamily(
+        "shieldproxy_ratelimit_events",
+        "Rate-limit engine events: checks, denied, cache_denied (no storage call), "
+        "shadow_denied, degraded (answered by fallback), store/release/charge errors.",
+        labels=["event"],
+    )
+    for name, n in sorted(m.limiter.items()):
+        limiter.add_metric([name], n)
+    yield limiter
+    yield GaugeMetricFamily(
+        "shieldproxy_store_degraded_workers",
+        "Workers answering limits from their fallback because the store is failing.",
+        value=m.degraded_workers,
     )

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shieldproxy.checks.api_key import ApiKeyCheck
 from shieldproxy.checks.base import Check
 from shieldproxy.checks.client_ip import ClientIpCheck
+from shieldproxy.checks.rate_limit import RateLimitCheck
 from shieldproxy.checks.request_size import RequestSizeCheck
 from shieldproxy.checks.request_target import RequestTargetCheck
 from shieldproxy.checks.route import RouteCheck
+from shieldproxy.checks.scopes import ScopesCheck
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
+from shieldproxy.keys.registry import KeyRegistry
+from shieldproxy.limits.engine import RateLimiter
 from shieldproxy.routes import RouteTable
 
 
-def default_checks(config: Config) -> list[Check]:
+def default_checks(config: Config, limiter: RateLimiter, registry: KeyRegistry) -> list[Check]:
     """Every request meets these checks in this order; the first deny answers it.
 
     Later checks may read what earlier ones wrote on the context (the client IP, the
@@ -27,6 +32,9 @@ def default_checks(config: Config) -> list[Check]:
         RequestTargetCheck(),
         RequestSizeCheck(server.max_header_bytes, server.max_header_count, server.max_body_bytes),
         RouteCheck(RouteTable(config.routes)),
+        ApiKeyCheck(config, registry),
+        ScopesCheck(),
+        RateLimitCheck(config, limiter),
     ]
 
 

@@ -22,17 +22,29 @@ import uvloop
 from aiohttp import web
 
 from shieldproxy.admin.app import build_admin_app
-from shieldproxy.admin.auth import resolve_admin_token
+from shieldproxy.admin.audit import AuditLog
+from shieldproxy.admin.auth import load_or_create_secret, resolve_admin_token
 from shieldproxy.config import Config, ConfigError, load_config, split_host_port
 from shieldproxy.handler import ProxyHandler
 from shieldproxy.http_server import ProxyServer, server_kwargs
+from shieldproxy.keys.registry import KeyRegistry
+from shieldproxy.keys.secret import KeyHasher
+from shieldproxy.limits.engine import LimiterSettings, RateLimiter
 from shieldproxy.metrics import ProxyMetrics, SnapshotFiles
 from shieldproxy.state import ProxyState, Runtime
+from shieldproxy.store import open_store
 
 log = logging.getLogger("shieldproxy")
 
 EXIT_FATAL = 3  # a worker that cannot start (port taken): restarting would not help
-_RESTART_NEEDED = ("server.listen", "server.admin_listen", "server.workers", "server.data_dir")
+_RESTART_NEEDED = (
+    "server.listen",
+    "server.admin_listen",
+    "server.workers",
+    "server.data_dir",
+    "store.url",
+    "store.prefix",
+)
 
 
 @dataclass(frozen=True)
@@ -91,13 +103,35 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
     files = SnapshotFiles(data_dir / "run", index) if workers > 1 else None
     if files is not None and (previous := files.read_own()) is not None:
         metrics.absorb(previous, gauges=False)  # counters continue across a worker restart
-    state = ProxyState(Runtime(config, loop), metrics, data_dir, index, workers)
+    try:
+        store = open_store(
+            config.store.url,
+            data_dir=data_dir,
+            prefix=config.store.prefix,
+            timeout_seconds=config.store.timeout_seconds,
+            workers=workers,
+            breaker_failures=config.store.breaker_failures,
+            breaker_cooldown_seconds=config.store.breaker_cooldown_seconds,
+        )
+    except ValueError as exc:
+        log.error("store: %s", exc)
+        return EXIT_FATAL
+    limiter = RateLimiter(store, settings=LimiterSettings(prefix=config.store.prefix))
+    await limiter.start()
+    metrics.watch_limiter(limiter)
+    registry = KeyRegistry(store, KeyHasher(_key_secret(config, data_dir).encode()), config)
+    await registry.start()
+    runtime = Runtime(config, loop, limiter, registry)
+    state = ProxyState(
+        runtime, metrics, store, limiter, registry, AuditLog(store), data_dir, index, workers
+    )
     proxy = ProxyServer(
         ProxyHandler(state, loop.time),
         **server_kwargs(
             max_line=server.max_request_line_bytes,
             max_field=server.max_header_bytes,
             header_timeout=server.header_timeout_seconds,
+            idle_timeout=server.keepalive_timeout_seconds,
             max_headers=server.max_header_count + 1,
         ),
     )
@@ -116,7 +150,7 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
         log.error("cannot listen: %s", exc.strerror or exc)
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
-        await state.runtime.close()
+        await _close_all(state)
         return EXIT_FATAL
     log.info(
         "proxying %s → %s; admin API on %s", server.listen, config.upstream.url, server.admin_listen
@@ -130,13 +164,39 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
     state.draining = True
     log.info("draining: finishing in-flight requests (up to %ss)", server.shutdown_timeout_seconds)
     await proxy_runner.cleanup()
-    await state.runtime.close()
     housekeeping.cancel()
+    await _close_all(state)
     if files is not None:
         files.write(metrics)
     await admin_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _close_all(state: ProxyState) -> None:
+    await state.runtime.close()
+    await state.registry.close()
+    await state.limiter.close()
+    await state.store.close()
+
+
+def _key_secret(config: Config, data_dir: Path) -> str:
+    """The HMAC secret for key hashes: configured, or generated once into the data dir.
+
+    Every instance that shares a store must hash with the same secret; a generated one is
+    shared by the workers of one machine only, so several machines must configure it.
+    """
+    configured = config.auth.key_secret.get_secret_value()
+    if configured:
+        return configured
+    if config.store.url != "local":
+        log.warning(
+            "auth.key_secret is not set: using %s; every instance sharing %s must use the "
+            "same secret",
+            data_dir / "key-secret",
+            config.store.url.split("://")[0],
+        )
+    return load_or_create_secret(data_dir / "key-secret", "spkey_", "a key hashing secret")
 
 
 async def _housekeeping(
@@ -172,7 +232,8 @@ def _reload(source: ConfigSource, state: ProxyState, loop: asyncio.AbstractEvent
         after = getattr(getattr(config, section), key)
         if before != after:
             log.warning("%s changed (%s → %s): takes effect after a restart", dotted, before, after)
-    state.runtime = Runtime(config, loop)
+    state.registry.reconfigure(config)
+    state.runtime = Runtime(config, loop, state.limiter, state.registry)
     state.metrics.reload("applied")
     log.info("config reloaded")
     # Requests already running keep the old runtime; its pool closes connections as they

@@ -12,10 +12,14 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
+from shieldproxy.admin.audit import AuditLog
 from shieldproxy.config import Config
 from shieldproxy.forward import Forwarder, ForwardSettings
+from shieldproxy.keys.registry import KeyRegistry
+from shieldproxy.limits.engine import RateLimiter
 from shieldproxy.metrics import ProxyMetrics
 from shieldproxy.pipeline import Pipeline, default_checks
+from shieldproxy.store.base import Store
 from shieldproxy.upstream import PoolSettings, UpstreamPool
 
 log = logging.getLogger("shieldproxy")
@@ -38,7 +42,13 @@ class Runtime:
     """Everything built from one Config. A reload builds a new one and swaps the reference,
     so a request in flight finishes with the runtime it started with."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        limiter: RateLimiter,
+        registry: KeyRegistry,
+    ) -> None:
         self.config = config
         upstream = config.upstream
         url = URL(upstream.url)
@@ -60,9 +70,12 @@ class Runtime:
                 max_body_bytes=config.server.max_body_bytes,
                 body_timeout=config.server.body_timeout_seconds,
                 preserve_host=upstream.preserve_host,
+                charge_header=config.rate_limits.charge_header,
             ),
         )
-        self.pipeline = Pipeline(default_checks(config))
+        self.limiter = limiter
+        self.charge_header = config.rate_limits.charge_header
+        self.pipeline = Pipeline(default_checks(config, limiter, registry))
         self._ws_session: aiohttp.ClientSession | None = None
 
     def websocket_session(self) -> aiohttp.ClientSession:
@@ -92,8 +105,14 @@ class Runtime:
 
 @dataclass
 class ProxyState:
+    """Process-wide: the store and limiter outlive reloads; the Runtime is swapped by them."""
+
     runtime: Runtime
     metrics: ProxyMetrics
+    store: Store
+    limiter: RateLimiter
+    registry: KeyRegistry
+    audit: AuditLog
     data_dir: Path
     worker_index: int = 0
     workers: int = 1

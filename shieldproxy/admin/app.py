@@ -1,7 +1,8 @@
-"""The admin aiohttp app: /healthz, /readyz, /metrics, behind the admin bearer token."""
+"""The admin aiohttp app: health, metrics, the /v1 API and its docs, behind the admin token."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable
 
@@ -9,14 +10,24 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from shieldproxy.admin.auth import TokenGuard
+from shieldproxy.admin import api, docs
+from shieldproxy.admin.api import ApiError
+from shieldproxy.admin.auth import TokenGuard, bearer_token
+from shieldproxy.keys.registry import RegistryError
 from shieldproxy.metrics import MetricsCollector, SnapshotFiles
 from shieldproxy.state import ProxyState
+from shieldproxy.store.base import StoreError
+
+log = logging.getLogger("shieldproxy.admin")
 
 STATE = web.AppKey("state", ProxyState)
 GUARD = web.AppKey("guard", TokenGuard)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# The API description and the docs page hold no secrets, and the page must load before its
+# Authorize button can ask for the token; every call the page then makes carries the token.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
+PUBLIC_PREFIXES = ("/docs/static/",)
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -27,7 +38,7 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 @web.middleware
 async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
         return await handler(request)
     guard = request.app[GUARD]
     ip = request.remote or ""
@@ -36,9 +47,7 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
         response = error_response(429, "too_many_attempts", "too many failed admin logins")
         response.headers["Retry-After"] = str(math.ceil(wait))
         return response
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not guard.check(ip, token.strip() if scheme.lower() == "bearer" else None):
+    if not guard.check(ip, bearer_token(request)):
         response = error_response(401, "unauthorized", "a valid admin bearer token is required")
         response.headers["WWW-Authenticate"] = 'Bearer realm="shieldproxy-admin"'
         return response
@@ -47,14 +56,28 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every admin error, including aiohttp's own 404/405, as the contract's JSON."""
+    """Every admin error as the contract's JSON: the one place exceptions become statuses."""
     try:
         return await handler(request)
+    except (ApiError, RegistryError) as exc:
+        return error_response(exc.status, exc.code, str(exc))
+    except StoreError as exc:
+        log.warning("admin %s %s: store error: %s", request.method, request.path, exc)
+        return error_response(503, "store_unavailable", "the store did not answer; try again")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
-        return error_response(exc.status, code, exc.reason)
+        response = error_response(
+            exc.status, _HTTP_CODES.get(exc.status, "bad_request"), exc.reason
+        )
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        # The boundary of the admin app: a bug still answers in the contract's shape, and the
+        # traceback goes to the log, never to the client.
+        log.exception("admin %s %s failed", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; see the server log")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -66,7 +89,15 @@ async def readyz(request: web.Request) -> web.Response:
     if state.draining:
         body = {"status": "unavailable", "degraded": False, "draining": True}
         return web.json_response(body, status=503)
-    body = {"status": "ok", "degraded": False, "draining": False, "worker": state.worker_index}
+    degraded = state.limiter.degraded
+    body = {
+        "status": "degraded" if degraded else "ok",
+        "degraded": degraded,
+        "draining": False,
+        "worker": state.worker_index,
+        "store": state.runtime.config.store.url.split("://")[0],
+        "live_instances": state.limiter.live_instances,
+    }
     return web.json_response(body)
 
 
@@ -86,4 +117,6 @@ def build_admin_app(state: ProxyState, token: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    api.register(app, state)
+    docs.register(app)
     return app

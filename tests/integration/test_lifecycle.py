@@ -50,8 +50,10 @@ def test_sigterm_drains_in_flight_request_then_exits_zero(proxy_factory: ProxyFa
     worker.start()
     time.sleep(0.4)  # the request is now waiting on the upstream
     proxy.signal(signal.SIGTERM)
-    readyz = eventually(lambda: get(proxy.admin_port, "/readyz", timeout=2), timeout=3)
-    assert readyz.status == 503
+    readyz = eventually(
+        lambda: (reply := get(proxy.admin_port, "/readyz", timeout=2)).status == 503 and reply,
+        timeout=3,
+    )
     assert readyz.json()["status"] == "unavailable"
     with pytest.raises(OSError):  # the proxy listener no longer accepts
         get(proxy.port, "/", timeout=2)
@@ -157,6 +159,7 @@ def test_two_workers_restart_a_killed_worker_and_sum_metrics(
     eventually(both_workers_answer, timeout=15)
     for _ in range(40):
         assert get(proxy.port, "/x").status == 200
+    time.sleep(1.5)  # workers snapshot their counters every second; a SIGKILL loses the rest
     os.kill(workers[0], signal.SIGKILL)
 
     def replaced() -> bool:
