@@ -62,6 +62,13 @@ _REPLACED = frozenset(
 )
 SKIP_REQUEST = HOP_BY_HOP | _REPLACED
 SKIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
+_KEY_CARRIERS = {
+    "authorization": frozenset({b"authorization", b"x-api-key"}),
+    "x-api-key": frozenset({b"x-api-key"}),
+    "query": frozenset({b"x-api-key"}),
+}
+_ALL_KEY_CARRIERS = _KEY_CARRIERS["authorization"]
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # nominate nothing: skip parsing
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _SMALL_BODY = 64 * 1024
 
@@ -71,6 +78,7 @@ class ForwardSettings:
     max_body_bytes: int
     body_timeout: float
     preserve_host: bool
+    charge_header: str = ""  # upstream response header with units to debit after the response
 
 
 def nominated(values: list[str]) -> frozenset[bytes]:
@@ -84,8 +92,38 @@ def _strip_request_header(name: bytes, extra: frozenset[bytes]) -> bool:
     lname = name.lower()
     if lname in SKIP_REQUEST or lname.startswith(b"x-shield-") or lname in extra:
         return True
-    # Underscore spellings (X_Forwarded_For) are read as dashes by some frameworks.
-    return b"_" in lname and lname.replace(b"_", b"-") in SKIP_REQUEST
+    if b"_" not in lname:
+        return False
+    # Underscore spellings (X_Forwarded_For, X_Shield_Key_Id) are read as dashes by some
+    # frameworks (CGI/WSGI environ), so they would reach the upstream as the real field.
+    dashed = lname.replace(b"_", b"-")
+    return dashed in SKIP_REQUEST or dashed.startswith(b"x-shield-") or dashed in extra
+
+
+def forwarding_headers(ctx: RequestContext) -> list[tuple[str, str]]:
+    """What the upstream learns about the client, for plain requests and WebSockets alike.
+
+    From a trusted proxy its chain is kept and the peer appended (as nginx's
+    `$proxy_add_x_forwarded_for` does); from anyone else only what we saw ourselves.
+    `X-Shield-Client-Ip` carries the address shieldproxy resolved, so the upstream need not
+    re-derive it (clients cannot forge `X-Shield-*`: those are stripped on the way in).
+    """
+    headers = ctx.request.headers
+    if ctx.peer_trusted:
+        peer = ctx.peer_ip
+        chain = ", ".join(headers.getall("X-Forwarded-For", ()))
+        xff = f"{chain}, {peer}" if chain else peer
+        proto = headers.get("X-Forwarded-Proto", "http")
+        host = headers.get("X-Forwarded-Host") or headers.get("Host") or ""
+    else:
+        xff, proto, host = ctx.client_ip, "http", headers.get("Host", "")
+    return [
+        ("X-Forwarded-For", xff),
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", host),
+        ("X-Request-Id", ctx.request_id),
+        ("X-Shield-Client-Ip", ctx.client_ip),
+    ]
 
 
 class Forwarder:
@@ -100,6 +138,7 @@ class Forwarder:
             netloc = f"{netloc}:{upstream_url.port}"
         self._host_line = f"Host: {netloc}\r\n".encode("latin-1")
         self._base_path = upstream_url.raw_path.rstrip("/")
+        self._charge = settings.charge_header.lower().encode("latin-1")
 
     async def forward(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -146,6 +185,9 @@ class Forwarder:
             target = f"{target}?{ctx.query}"
         connection = request.headers.getall("Connection", ())
         extra = nominated(connection) if connection else frozenset()
+        if ctx.key_source:
+            # The API key never reaches the upstream; the identity headers replace it.
+            extra = extra | _KEY_CARRIERS.get(ctx.key_source, _ALL_KEY_CARRIERS)
         parts = [f"{request.method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
         for name, value in request.raw_headers:
             if not _strip_request_header(name, extra):
@@ -169,19 +211,9 @@ class Forwarder:
         return b"".join(parts)
 
     def _forwarding_fields(self, ctx: RequestContext) -> bytes:
-        headers = ctx.request.headers
-        peer = ctx.request.remote or ""
-        if ctx.peer_trusted:
-            chain = ", ".join(headers.getall("X-Forwarded-For", ()))
-            xff = f"{chain}, {peer}" if chain else peer
-            proto = headers.get("X-Forwarded-Proto", "http")
-            host = headers.get("X-Forwarded-Host") or headers.get("Host", "")
-        else:
-            xff, proto, host = ctx.client_ip, "http", headers.get("Host", "")
-        return (
-            f"X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\n"
-            f"X-Forwarded-Host: {host}\r\nX-Request-Id: {ctx.request_id}\r\n"
-        ).encode("latin-1", "replace")
+        return "".join(f"{name}: {value}\r\n" for name, value in forwarding_headers(ctx)).encode(
+            "latin-1", "replace"
+        )
 
     async def _send_body(self, ctx: RequestContext, conn: UpstreamConnection, head: bytes) -> None:
         request = ctx.request
@@ -248,13 +280,19 @@ class Forwarder:
     def _response_headers(self, ctx: RequestContext, head: ResponseHead) -> CIMultiDict[str]:
         extra: frozenset[bytes] = frozenset()
         for name, value in head.headers:
-            if name.lower() == b"connection":
+            if (
+                len(name) == 10
+                and name.lower() == b"connection"
+                and value.lower() not in _PLAIN_CONNECTION
+            ):
                 extra = extra | nominated([value.decode("latin-1")])
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in head.headers:
             lname = name.lower()
             if lname not in SKIP_RESPONSE and lname not in extra:
                 headers.add(name.decode("latin-1"), value.decode("latin-1"))
+            if lname == self._charge and value.strip().isdigit():
+                ctx.upstream_charge = int(value)
         headers["X-Request-Id"] = ctx.request_id
         if ctx.response_headers:
             for name_s, value_s in ctx.response_headers:

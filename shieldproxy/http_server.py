@@ -3,13 +3,19 @@
 No router and no middleware: every request on the proxy listener goes to one handler.
 `RequestHandler.handle_error` is the one hook aiohttp gives for requests its parser
 rejected; it answers them as plain text with status 400, which we turn into 414/431/400
-with a JSON body. Slow clients are bounded by `keepalive_timeout`, which aiohttp arms
-when a connection opens and after each response, and which closes a connection that has
-not completed a request head in time (slowloris).
+with a JSON body.
+
+Two clocks bound slow clients. aiohttp's `keepalive_timeout` closes a connection that
+sends nothing at all (idle between requests, or never starting one); it is long, because
+a load balancer in front keeps pooled connections idle for a minute or more. A request
+head that starts arriving but does not complete within `header_timeout` (slowloris) gets
+a 408 and the connection is closed. That timer is only armed when a packet leaves a head
+incomplete, so the common case (a whole head in one packet) costs nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,12 +23,16 @@ import orjson
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import LineTooLong
 
+from shieldproxy.state import RequestIds
+
 log = logging.getLogger("shieldproxy.http")
 
 
-def _status_for(exc: BaseException | None, default: int) -> tuple[int, str, str]:
+def _status_for(
+    exc: BaseException | None, default: int, max_line: int, max_field: int
+) -> tuple[int, str, str]:
     if isinstance(exc, LineTooLong):
-        if "status line" in str(exc).lower() or "request line" in str(exc).lower():
+        if _is_request_line(exc, max_line, max_field):
             return 414, "uri_too_long", "the request line is too long"
         return 431, "headers_too_large", "a request header is too large"
     text = str(exc).lower() if exc is not None else ""
@@ -33,7 +43,79 @@ def _status_for(exc: BaseException | None, default: int) -> tuple[int, str, str]
     return default, "bad_request", "malformed HTTP request"
 
 
+def _is_request_line(exc: LineTooLong, max_line: int, max_field: int) -> bool:
+    """aiohttp's LineTooLong says neither which line overflowed nor why: its args are
+    (start of the line, the limit it broke). The limit tells when the two differ; when
+    they are equal, a request target starts with '/' (or is absolute), a header name never.
+    """
+    line, limit = exc.args[0], exc.args[1]
+    if limit != max_line:
+        return False
+    if max_line != max_field:
+        return True
+    start = line.encode("latin-1", "replace") if isinstance(line, str) else bytes(line)
+    return start.startswith((b"/", b"http:", b"https:", b"*"))
+
+
+def _raw_408(request_id: str) -> bytes:
+    """A complete 408 answer written straight to the socket: no request object exists."""
+    body = orjson.dumps(
+        {
+            "error": {
+                "code": "request_timeout",
+                "message": "the request head arrived too slowly",
+                "request_id": request_id,
+            }
+        }
+    )
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+        f"Server: shieldproxy\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
 class _ProtocolHandler(web_protocol.RequestHandler):
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        timer = self._head_timer
+        if self._messages or self._request_in_progress:
+            if timer is not None:
+                timer.cancel()
+                self._head_timer = None
+        elif timer is None and not self._upgraded and not self._force_close:
+            # Bytes of a request head arrived but not all of it: start the head clock.
+            self._head_timer = self._loop.call_later(self._header_timeout, self._head_too_slow)
+        # A framing error inside a body (a bad chunk size) makes aiohttp queue an error
+        # message but leaves the running request's body stream waiting forever: the
+        # forwarder would hold the upstream until body_timeout and answer 408. Hand the
+        # error to that stream so the request fails now, as a 400.
+        if self._messages and (request := self._current_request) is not None:
+            error = self._messages[-1][0]
+            if isinstance(error, web_protocol._ErrInfo) and not request.content.is_eof():
+                request._cancel(error.exc)
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._messages or self._request_in_progress or self.transport is None:
+            return
+        manager = self._manager
+        request_id = manager.error_ids.next() if isinstance(manager, ProxyServer) else "-"
+        self.transport.write(_raw_408(request_id))
+        self.force_close()  # closes the transport after the 408 is flushed
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -47,9 +129,14 @@ class _ProtocolHandler(web_protocol.RequestHandler):
             log.debug("rejected malformed request: %s", exc)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
-        status, code, text = _status_for(exc, status)
-        body = orjson.dumps({"error": {"code": code, "message": text, "request_id": ""}})
+        status, code, text = _status_for(exc, status, self.max_line_size, self.max_field_size)
+        # The contract promises a request id on every answer, rejected requests included.
+        manager = self._manager
+        request_id = manager.error_ids.next() if isinstance(manager, ProxyServer) else "-"
+        body = orjson.dumps({"error": {"code": code, "message": text, "request_id": request_id}})
         response = web.Response(status=status, body=body, content_type="application/json")
+        response.headers["X-Request-Id"] = request_id
+        response.headers["Server"] = "shieldproxy"
         response.force_close()
         return response
 
@@ -57,18 +144,28 @@ class _ProtocolHandler(web_protocol.RequestHandler):
 class ProxyServer(web.Server):
     """A web.Server whose connections answer protocol errors as JSON."""
 
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        # Ids for requests the parser rejected (the handler never sees them); a separate
+        # random prefix keeps them unique next to the handler's.
+        self.error_ids = RequestIds()
+
     def __call__(self) -> web_protocol.RequestHandler:
-        return _ProtocolHandler(self, loop=self._loop, **self._kwargs)
+        return _ProtocolHandler(
+            self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs
+        )
 
 
 def server_kwargs(
-    *, max_line: int, max_field: int, header_timeout: float, max_headers: int
+    *, max_line: int, max_field: int, header_timeout: float, idle_timeout: float, max_headers: int
 ) -> dict[str, Any]:
     return {
+        "header_timeout": header_timeout,
         "max_line_size": max_line,
         "max_field_size": max_field,
         "max_headers": max_headers,
-        "keepalive_timeout": header_timeout,
+        "keepalive_timeout": idle_timeout,
         "lingering_time": 0,
         "access_log": None,
     }

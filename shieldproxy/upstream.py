@@ -148,9 +148,13 @@ class UpstreamConnection(asyncio.Protocol):
                 content_length = int(value)
             elif len(name) == 17 and name.lower() == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
-        self.head = ResponseHead(
-            status, self._headers, self._parser.should_keep_alive(), content_length, chunked
-        )
+        keep_alive = self._parser.should_keep_alive()
+        if self._no_body and (content_length or chunked):
+            # A HEAD answer announcing a body: an upstream that sends it anyway would put
+            # those bytes in front of the next response on this connection (a desync that
+            # hands one client's bytes to another). HEAD is rare; don't reuse the socket.
+            keep_alive = False
+        self.head = ResponseHead(status, self._headers, keep_alive, content_length, chunked)
         if self._no_body:
             # httptools cannot be told that a HEAD response has no body: finish here and
             # give the connection a fresh parser before it is reused.

@@ -16,7 +16,7 @@ from yarl import URL
 
 from shieldproxy.context import RequestContext
 from shieldproxy.errors import UpstreamTimeout, UpstreamUnavailable
-from shieldproxy.forward import SKIP_REQUEST
+from shieldproxy.forward import SKIP_REQUEST, forwarding_headers
 
 if TYPE_CHECKING:
     from shieldproxy.state import Runtime
@@ -58,12 +58,8 @@ async def relay_websocket(ctx: RequestContext, runtime: Runtime) -> web.StreamRe
         and name.lower() not in _WS_OWN
         and not name.lower().startswith(b"x-shield-")
     ]
-    headers += [
-        ("X-Forwarded-For", ctx.client_ip),
-        ("X-Forwarded-Proto", "http"),
-        ("X-Request-Id", ctx.request_id),
-        *(ctx.upstream_headers or ()),
-    ]
+    headers += forwarding_headers(ctx)
+    headers += ctx.upstream_headers or ()
     protocols = [
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", ())

@@ -48,6 +48,7 @@ class ClientIpCheck:
 
     async def decide(self, ctx: RequestContext) -> Decision:
         peer = _peer_ip(ctx.request.remote)
+        ctx.peer_ip = peer
         if not self._networks or not self.is_trusted(peer):
             ctx.client_ip = peer
             return ALLOW

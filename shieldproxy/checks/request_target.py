@@ -29,6 +29,10 @@ def canonical_path(raw_path: str) -> str:
         raise BadTarget("the request target must be a path starting with '/'")
     if "\\" in raw_path:
         raise BadTarget("backslash in path")
+    if "#" in raw_path:
+        # A fragment never belongs in a request target; servers disagree on whether
+        # `/admin#x` is `/admin`, so a route written for `/admin` could be dodged.
+        raise BadTarget("fragment in request target")
     if "%" in raw_path:
         raw_path = _decode_unreserved(raw_path)
     if "//" not in raw_path and "/." not in raw_path:
@@ -76,5 +80,7 @@ class RequestTargetCheck:
             ctx.path = canonical_path(raw_path)
         except BadTarget as exc:
             return deny(400, "bad_request", f"malformed request target: {exc}")
+        if "#" in query:
+            return deny(400, "bad_request", "malformed request target: fragment in query")
         ctx.query = query
         return ALLOW
