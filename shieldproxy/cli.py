@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 import click
 
 from shieldproxy import __version__
+from shieldproxy.cli_admin import COMMANDS as ADMIN_COMMANDS
 from shieldproxy.config import ConfigError, load_config
 
 _LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
@@ -83,14 +84,16 @@ def check_config(config_path: str | None) -> None:
     )
 
 
+for _command in ADMIN_COMMANDS:
+    cli.add_command(_command)
+
+
 def main() -> None:
     """Entry point: usage errors become one line and exit code 2."""
     try:
         cli.main(prog_name="shieldproxy", standalone_mode=False)
     except click.UsageError as exc:
-        hint = f" (try 'shieldproxy {exc.ctx.info_name} --help')" if exc.ctx else ""
-        if exc.ctx and exc.ctx.parent is None:
-            hint = " (try 'shieldproxy --help')"
+        hint = f" (try '{exc.ctx.command_path} --help')" if exc.ctx else ""
         click.echo(f"shieldproxy: {exc.format_message()}{hint}", err=True)
         sys.exit(2)
     except click.ClickException as exc:

@@ -9,6 +9,8 @@ import secrets
 import time
 from pathlib import Path
 
+from aiohttp import web
+
 log = logging.getLogger("shieldproxy.admin")
 
 TOKEN_FILE = "admin-token"
@@ -18,15 +20,19 @@ def resolve_admin_token(configured: str, data_dir: Path) -> str:
     """The configured token, else `<data-dir>/admin-token`, created (mode 0600) if absent."""
     if configured:
         return configured
-    path = data_dir / TOKEN_FILE
+    return load_or_create_secret(data_dir / TOKEN_FILE, "spadm_", "an admin token")
+
+
+def load_or_create_secret(path: Path, prefix: str, what: str) -> str:
+    """Read a generated secret, or create it (mode 0600) if no one has yet."""
     try:
         token = path.read_text().strip()
         if token:
             return token
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    token = "spadm_" + secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = prefix + secrets.token_urlsafe(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -34,7 +40,7 @@ def resolve_admin_token(configured: str, data_dir: Path) -> str:
         return path.read_text().strip()
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
-    log.warning("generated an admin token in %s (mode 0600)", path.resolve())
+    log.warning("generated %s in %s (mode 0600)", what, path.resolve())
     return token
 
 
@@ -70,3 +76,9 @@ class TokenGuard:
             if len(self._failures) > 10_000:  # bound memory under a spray of addresses
                 self._failures.pop(next(iter(self._failures)))
         return ok
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if that is what was sent."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None

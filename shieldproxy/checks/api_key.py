@@ -1,0 +1,136 @@
+"""Authenticate the API key: format in-process, record from the cache, status and expiry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qsl, urlencode
+
+from shieldproxy.config import Config
+from shieldproxy.context import RequestContext
+from shieldproxy.decision import ALLOW, Decision, deny
+from shieldproxy.keys.records import KeyView, billing_period
+from shieldproxy.keys.registry import KeyRegistry
+from shieldproxy.keys.secret import well_formed
+from shieldproxy.limits.model import LimitRule
+from shieldproxy.store.base import StoreUnavailable
+
+MISSING = deny(401, "missing_key", "an API key is required (Authorization: Bearer <key>)")
+INVALID = deny(401, "invalid_key", "the API key is not valid")
+EXPIRED = deny(401, "expired_key", "the API key has expired")
+REVOKED = deny(401, "revoked_key", "the API key has been revoked")
+TWO_KEYS = deny(400, "bad_request", "two different API keys in one request")
+UNAVAILABLE = deny(503, "store_unavailable", "API keys cannot be checked right now", retry_after=1)
+
+
+class ApiKeyCheck:
+    """Reads the key from `Authorization: Bearer`, `X-API-Key` (or a query parameter when
+    enabled), and fills the identity every later check and the upstream rely on."""
+
+    name = "api_key"
+
+    def __init__(
+        self,
+        config: Config,
+        registry: KeyRegistry,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._required = config.auth.required
+        self._query_parameter = config.auth.query_parameter
+        self._registry = registry
+        self._wall = wall_clock
+
+    async def decide(self, ctx: RequestContext) -> Decision:
+        route = ctx.route
+        required = self._required
+        if route is not None and route.config.auth is not None:
+            required = route.config.auth
+        secret, source = self._extract(ctx)
+        if secret is None:
+            return MISSING if required else ALLOW
+        ctx.key_source = source  # whatever happens next, the key is not forwarded
+        if source == "conflict":
+            return TWO_KEYS
+        decision = await self._authenticate(ctx, secret)
+        if decision is not ALLOW and not required:
+            return ALLOW  # an optional key that does not check out: anonymous, not an error
+        return decision
+
+    async def _authenticate(self, ctx: RequestContext, secret: str) -> Decision:
+        if not well_formed(secret):
+            return INVALID  # typos and made-up keys never reach the store
+        try:
+            view = await self._registry.lookup(secret)
+        except StoreUnavailable:
+            return UNAVAILABLE
+        if view is None:
+            return INVALID
+        now = self._wall()
+        if view.revoked:
+            return REVOKED
+        if view.expires_at is not None and now >= view.expires_at:
+            return EXPIRED
+        if view.secret_valid_until is not None and now >= view.secret_valid_until:
+            return INVALID  # a rotated-out secret past its grace period
+        ctx.key = view
+        ctx.key_id = view.id
+        ctx.tenant_id = view.tenant_id
+        ctx.extra_limits = view.limits + quota_limits(view, now)
+        ctx.add_upstream_header("X-Shield-Key-Id", view.id)
+        ctx.add_upstream_header("X-Shield-Tenant-Id", view.tenant_id)
+        ctx.add_upstream_header("X-Shield-Scopes", view.scopes_header)
+        self._registry.touch(view.id)
+        return ALLOW
+
+    def _extract(self, ctx: RequestContext) -> tuple[str | None, str]:
+        headers = ctx.request.headers
+        found: list[tuple[str, str]] = []
+        authorization = headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer" and token.strip().startswith("sp_"):
+                found.append((token.strip(), "authorization"))
+        api_key = headers.get("X-API-Key")
+        if api_key is not None:
+            found.append((api_key.strip(), "x-api-key"))
+        if self._query_parameter and ctx.query:
+            for name, value in parse_qsl(ctx.query, keep_blank_values=True):
+                if name == self._query_parameter:
+                    found.append((value, "query"))
+                    ctx.query = strip_query_parameter(ctx.query, name)
+        if not found:
+            return None, ""
+        secrets = {secret for secret, _ in found}
+        if len(secrets) > 1:
+            return "", "conflict"
+        return found[0][0], "authorization" if len(found) > 1 else found[0][1]
+
+
+def strip_query_parameter(query: str, name: str) -> str:
+    """The query without the key parameter, so the key never reaches the upstream."""
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != name]
+    return urlencode(kept)
+
+
+def quota_limits(view: KeyView, now: float) -> tuple[tuple[LimitRule, str], ...]:
+    """This billing period's quota counters: the key's own, and the tenant plan's."""
+    if not view.quota and not view.plan_quota:
+        return ()
+    start, end = billing_period(view.anchor_day, now)
+    period = int(start)
+    limits = []
+    if view.quota:
+        rule = LimitRule("quota", "key", "quota", view.quota, end - start, period_end=end)
+        limits.append((rule, f"{view.id}@{period}"))
+    if view.plan_quota and view.tenant_id:
+        rule = LimitRule(
+            "plan-quota",
+            "tenant",
+            "quota",
+            view.plan_quota,
+            end - start,
+            shadow=view.plan_overage == "allow",
+            period_end=end,
+        )
+        limits.append((rule, f"{view.tenant_id}@{period}"))
+    return tuple(limits)

@@ -1,0 +1,106 @@
+"""Key and tenant records: the stored documents and the compact views the hot path reads."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from shieldproxy.config import PlanConfig
+from shieldproxy.limits.model import LimitRule
+
+KEYS = "keys"  # record kind: key id → key document (no secret)
+KEY_HASHES = "key_hashes"  # record kind: HMAC of a secret → {"key_id", "valid_until"}
+TENANTS = "tenants"  # record kind: tenant id → tenant document
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+Status = Literal["active", "revoked", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    """What a request needs to know about its key, precomputed once per cache fill."""
+
+    id: str
+    tenant_id: str
+    scopes: frozenset[str]
+    scopes_header: str  # "read,write" for X-Shield-Scopes
+    revoked: bool
+    expires_at: float | None  # epoch seconds
+    secret_valid_until: float | None  # a rotated-out secret stops working then
+    limits: tuple[tuple[LimitRule, str], ...]  # (rule, subject) without quota
+    quota: int  # the key's own monthly quota (0 = none)
+    plan_quota: int  # the tenant plan's monthly quota (0 = none)
+    plan_overage: str  # "block" | "allow"
+    anchor_day: int
+
+    def allows(self, needed: frozenset[str]) -> bool:
+        """`admin` implies read and write: an admin key can do anything a key can."""
+        return "admin" in self.scopes or needed <= self.scopes
+
+
+def key_rules(key_id: str, doc: dict[str, Any]) -> list[tuple[LimitRule, str]]:
+    """A key's own limits as rules counted per key id; named `key`, `key-2`, ..."""
+    rules = []
+    for index, limit in enumerate(doc.get("rate_limits") or []):
+        name = "key" if index == 0 else f"key-{index + 1}"
+        rule = LimitRule(
+            name=name,
+            scope="key",
+            strategy=limit["strategy"],
+            requests=int(limit["requests"]),
+            window_seconds=float(limit["window_seconds"]),
+            burst=limit.get("burst"),
+        )
+        rules.append((rule, key_id))
+    return rules
+
+
+def plan_rules(
+    tenant_id: str, plan: PlanConfig | None, on_store_error: str
+) -> list[tuple[LimitRule, str]]:
+    """A plan's limits, shared by every key of the tenant (or per key, if scoped so)."""
+    if plan is None or not tenant_id:
+        return []
+    rules = []
+    for limit in plan.limits:
+        rule = LimitRule(
+            name=limit.name,
+            scope=limit.scope,
+            strategy=limit.strategy,
+            requests=limit.requests,
+            window_seconds=limit.window_seconds,
+            burst=limit.burst,
+            shadow=limit.shadow,
+            on_store_error=limit.on_store_error or on_store_error,  # type: ignore[arg-type]
+        )
+        rules.append((rule, tenant_id))
+    return rules
+
+
+def key_status(doc: dict[str, Any], now: float) -> Status:
+    if doc.get("status") == "revoked":
+        return "revoked"
+    expires_at = doc.get("expires_at")
+    if expires_at is not None and now >= expires_at:
+        return "expired"
+    return "active"
+
+
+def billing_period(anchor_day: int, now: float) -> tuple[float, float]:
+    """The billing month containing `now`: it starts on `anchor_day` (UTC), at midnight."""
+    today = dt.datetime.fromtimestamp(now, dt.UTC)
+    year, month = today.year, today.month
+    if today.day < anchor_day:
+        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+    start = dt.datetime(year, month, anchor_day, tzinfo=dt.UTC)
+    next_year, next_month = (year, month + 1) if month < 12 else (year + 1, 1)
+    end = dt.datetime(next_year, next_month, anchor_day, tzinfo=dt.UTC)
+    return start.timestamp(), end.timestamp()
+
+
+def public_key(doc: dict[str, Any], now: float) -> dict[str, Any]:
+    """The document as the admin API shows it (status computed, internals dropped)."""
+    shown = {k: v for k, v in doc.items() if k not in ("hash", "previous_hash")}
+    shown["status"] = key_status(doc, now)
+    return shown

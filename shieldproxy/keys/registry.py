@@ -1,0 +1,394 @@
+"""The key registry: cached lookups for the hot path, and the operations the admin API runs.
+
+A request with a known key costs no storage call: views are cached per secret hash for
+`cache_ttl_seconds`, and every instance drops its copy within a second of a change through
+the store's invalidation channel (Redis pub/sub). Concurrent misses for one hash share one
+load. When the store fails, a key seen within `max_stale_seconds` is still honoured; a key
+never seen raises StoreUnavailable (the caller answers 503, never 401).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shieldproxy.config import Config
+from shieldproxy.keys.records import (
+    KEY_HASHES,
+    KEYS,
+    TENANTS,
+    KeyView,
+    key_rules,
+    plan_rules,
+    public_key,
+)
+from shieldproxy.keys.secret import KeyHasher, display_parts, generate_key
+from shieldproxy.store.base import Store, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "invalidate"
+LAST_USED = "key_last_used"
+_NEGATIVE_TTL = 5.0
+_MAX_ENTRIES = 100_000
+
+
+class RegistryError(Exception):
+    """Base of the admin operations' refusals; `status` is the HTTP answer."""
+
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(RegistryError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(RegistryError):
+    status = 409
+    code = "conflict"
+
+
+class Invalid(RegistryError):
+    status = 422
+    code = "invalid"
+
+
+class _Entry:
+    __slots__ = ("fresh_until", "stale_until", "view")
+
+    def __init__(self, view: KeyView | None, fresh_until: float, stale_until: float) -> None:
+        self.view = view
+        self.fresh_until = fresh_until
+        self.stale_until = stale_until
+
+
+class KeyRegistry:
+    def __init__(
+        self,
+        store: Store,
+        hasher: KeyHasher,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self.hasher = hasher
+        self._config = config
+        self._clock = clock
+        self._wall = wall_clock
+        self._ttl = config.auth.cache_ttl_seconds
+        self._max_stale = config.auth.max_stale_seconds
+        self._cache: dict[str, _Entry] = {}
+        self._loading: dict[str, asyncio.Future[KeyView | None]] = {}
+        self._used: dict[str, float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload may change plans: cached views embed plan rules, so start afresh."""
+        self._config = config
+        self._ttl = config.auth.cache_ttl_seconds
+        self._max_stale = config.auth.max_stale_seconds
+        self._cache.clear()
+
+    async def start(self) -> None:
+        await self._store.subscribe(CHANNEL, self._on_invalidate)
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        with contextlib.suppress(StoreError):
+            await self._flush_used()
+
+    # ---- the hot path -------------------------------------------------------------------
+
+    async def lookup(self, secret: str) -> KeyView | None:
+        """The key a well-formed secret names, or None if no such key exists."""
+        digest = self.hasher.hash(secret)
+        entry = self._cache.get(digest)
+        now = self._clock()
+        if entry is not None and now < entry.fresh_until:
+            return entry.view
+        pending = self._loading.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyView | None] = asyncio.get_running_loop().create_future()
+        self._loading[digest] = future
+        try:
+            view = await self._load(digest)
+        except StoreUnavailable as exc:
+            if entry is not None and entry.view is not None and now < entry.stale_until:
+                future.set_result(entry.view)
+                return entry.view  # bounded staleness: honour what we knew
+            future.set_exception(exc)
+            future.exception()  # retrieved here; waiters get it via shield
+            raise
+        finally:
+            self._loading.pop(digest, None)
+        ttl = self._ttl if view is not None else min(self._ttl, _NEGATIVE_TTL)
+        if len(self._cache) >= _MAX_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[digest] = _Entry(view, now + ttl, now + self._max_stale)
+        future.set_result(view)
+        return view
+
+    def touch(self, key_id: str) -> None:
+        """Remember a use; written to the store in batches, never on the request path."""
+        self._used[key_id] = self._wall()
+
+    async def _load(self, digest: str) -> KeyView | None:
+        ref = await self._store.get_record(KEY_HASHES, digest)
+        if ref is None:
+            return None
+        doc = await self._store.get_record(KEYS, ref["key_id"])
+        if doc is None:
+            return None
+        tenant_id = doc.get("tenant_id") or ""
+        tenant = await self._store.get_record(TENANTS, tenant_id) if tenant_id else None
+        return self._view(doc, ref.get("valid_until"), tenant)
+
+    async def view_of(self, doc: dict[str, Any]) -> KeyView:
+        """The hot-path view of a stored key (for usage reports)."""
+        tenant_id = doc.get("tenant_id") or ""
+        tenant = await self._store.get_record(TENANTS, tenant_id) if tenant_id else None
+        return self._view(doc, None, tenant)
+
+    def _view(
+        self, doc: dict[str, Any], valid_until: float | None, tenant: dict[str, Any] | None
+    ) -> KeyView:
+        tenant_id = doc.get("tenant_id") or ""
+        plan = self._config.plans.get(tenant["plan"]) if tenant else None
+        scopes = frozenset(doc.get("scopes") or ())
+        quota = doc.get("quota") or {}
+        return KeyView(
+            id=doc["id"],
+            tenant_id=tenant_id,
+            scopes=scopes,
+            scopes_header=",".join(sorted(scopes)),
+            revoked=doc.get("status") == "revoked",
+            expires_at=doc.get("expires_at"),
+            secret_valid_until=valid_until,
+            limits=tuple(
+                key_rules(doc["id"], doc)
+                + plan_rules(tenant_id, plan, self._config.store.on_store_error)
+            ),
+            quota=int(quota.get("monthly_requests") or 0),
+            plan_quota=plan.monthly_quota if plan else 0,
+            plan_overage=plan.overage if plan else "block",
+            anchor_day=int(tenant.get("anchor_day", 1)) if tenant else 1,
+        )
+
+    def _on_invalidate(self, message: str) -> None:
+        """`key:<id>`, `hash:<digest>` or `tenant:<id>` changed somewhere: forget it."""
+        kind, _, value = message.partition(":")
+        if kind == "hash":
+            self._cache.pop(value, None)
+        elif kind == "key":
+            for digest in [d for d, e in self._cache.items() if e.view and e.view.id == value]:
+                del self._cache[digest]
+        else:
+            self._cache.clear()
+
+    async def _changed(self, message: str) -> None:
+        self._on_invalidate(message)
+        try:
+            await self._store.publish(CHANNEL, message)
+        except StoreError as exc:
+            # Other instances still re-read within cache_ttl_seconds.
+            log.warning("could not publish a key change (%s): %s", message, exc)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            with contextlib.suppress(StoreError):
+                await self._flush_used()
+
+    async def _flush_used(self) -> None:
+        used, self._used = self._used, {}
+        for key_id, at in used.items():
+            await self._store.put_record(LAST_USED, key_id, {"at": at})
+
+    # ---- admin operations ---------------------------------------------------------------
+
+    async def create_key(self, fields: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Store a new key; returns its public document and the secret (shown once)."""
+        tenant_id = fields.get("tenant_id")
+        if tenant_id and await self._store.get_record(TENANTS, tenant_id) is None:
+            raise Invalid(f"tenant {tenant_id!r} does not exist")
+        now = self._wall()
+        secret = generate_key(self._config.auth.key_env)
+        prefix, last4 = display_parts(secret)
+        digest = self.hasher.hash(secret)
+        doc = {
+            "id": "key_" + secrets.token_hex(8),
+            "name": fields["name"],
+            "tenant_id": tenant_id,
+            "prefix": prefix,
+            "last4": last4,
+            "scopes": fields.get("scopes", ["read"]),
+            "rate_limits": fields.get("rate_limits", []),
+            "quota": fields.get("quota"),
+            "expires_at": fields.get("expires_at"),
+            "metadata": fields.get("metadata", {}),
+            "status": "active",
+            "created_at": now,
+            "updated_at": now,
+            "last_used_at": None,
+            "rotated_at": None,
+            "previous_valid_until": None,
+            "hash": digest,
+            "previous_hash": None,
+        }
+        await self._store.put_record(KEYS, doc["id"], doc)
+        await self._store.put_record(KEY_HASHES, digest, {"key_id": doc["id"], "valid_until": None})
+        await self._changed(f"hash:{digest}")
+        return await self._public(doc), secret
+
+    async def list_keys(
+        self, *, tenant_id: str | None = None, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        now = self._wall()
+        docs = await self._store.list_records(KEYS)
+        shown = [await self._public(doc, now) for doc in docs]
+        return sorted(
+            (
+                d
+                for d in shown
+                if (tenant_id is None or d.get("tenant_id") == tenant_id)
+                and (status is None or d["status"] == status)
+            ),
+            key=lambda d: (d["created_at"], d["id"]),
+        )
+
+    async def get_key(self, key_id: str) -> dict[str, Any]:
+        return await self._public(await self._key_doc(key_id))
+
+    async def get_key_doc(self, key_id: str) -> dict[str, Any]:
+        """The stored document (hashes included) for usage and audit, never for clients."""
+        return await self._key_doc(key_id)
+
+    async def update_key(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        doc = await self._key_doc(key_id)
+        if doc.get("status") == "revoked":
+            raise Conflict(f"key {key_id} is revoked")
+        doc.update(changes)
+        doc["updated_at"] = self._wall()
+        await self._store.put_record(KEYS, key_id, doc)
+        await self._changed(f"key:{key_id}")
+        return await self._public(doc)
+
+    async def rotate_key(self, key_id: str, grace_seconds: int) -> tuple[dict[str, Any], str]:
+        """A new secret; the old one keeps working for `grace_seconds`, then stops."""
+        doc = await self._key_doc(key_id)
+        if doc.get("status") == "revoked":
+            raise Conflict(f"key {key_id} is revoked")
+        now = self._wall()
+        secret = generate_key(self._config.auth.key_env)
+        digest = self.hasher.hash(secret)
+        old = doc["hash"]
+        if doc.get("previous_hash"):
+            await self._store.delete_record(KEY_HASHES, doc["previous_hash"])
+        if grace_seconds > 0:
+            until = now + grace_seconds
+            await self._store.put_record(KEY_HASHES, old, {"key_id": key_id, "valid_until": until})
+        else:
+            until = None
+            await self._store.delete_record(KEY_HASHES, old)
+        await self._store.put_record(KEY_HASHES, digest, {"key_id": key_id, "valid_until": None})
+        prefix, last4 = display_parts(secret)
+        doc.update(
+            hash=digest,
+            previous_hash=old if grace_seconds > 0 else None,
+            previous_valid_until=until,
+            prefix=prefix,
+            last4=last4,
+            rotated_at=now,
+            updated_at=now,
+        )
+        await self._store.put_record(KEYS, key_id, doc)
+        await self._changed(f"key:{key_id}")
+        await self._changed(f"hash:{digest}")
+        return await self._public(doc), secret
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        doc = await self._key_doc(key_id)
+        doc["status"] = "revoked"
+        doc["updated_at"] = self._wall()
+        await self._store.put_record(KEYS, key_id, doc)
+        await self._changed(f"key:{key_id}")
+        return await self._public(doc)
+
+    async def _key_doc(self, key_id: str) -> dict[str, Any]:
+        doc = await self._store.get_record(KEYS, key_id)
+        if doc is None:
+            raise NotFound(f"no key {key_id!r}")
+        return doc
+
+    async def _public(self, doc: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+        shown = public_key(doc, self._wall() if now is None else now)
+        used = self._used.get(doc["id"])
+        if used is None:
+            stored = await self._store.get_record(LAST_USED, doc["id"])
+            used = stored["at"] if stored else None
+        shown["last_used_at"] = used
+        return shown
+
+    # ---- tenants ------------------------------------------------------------------------
+
+    async def create_tenant(self, fields: dict[str, Any]) -> dict[str, Any]:
+        self._check_plan(fields["plan"])
+        now = self._wall()
+        doc = {
+            "id": "ten_" + secrets.token_hex(8),
+            "name": fields["name"],
+            "plan": fields["plan"],
+            "anchor_day": fields.get("anchor_day", 1),
+            "metadata": fields.get("metadata", {}),
+            "created_at": now,
+            "updated_at": now,
+        }
+        await self._store.put_record(TENANTS, doc["id"], doc)
+        return doc
+
+    async def list_tenants(self) -> list[dict[str, Any]]:
+        docs = await self._store.list_records(TENANTS)
+        return sorted(docs, key=lambda d: (d["created_at"], d["id"]))
+
+    async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
+        doc = await self._store.get_record(TENANTS, tenant_id)
+        if doc is None:
+            raise NotFound(f"no tenant {tenant_id!r}")
+        return doc
+
+    async def update_tenant(self, tenant_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        doc = await self.get_tenant(tenant_id)
+        if "plan" in changes:
+            self._check_plan(changes["plan"])
+        doc.update(changes)
+        doc["updated_at"] = self._wall()
+        await self._store.put_record(TENANTS, tenant_id, doc)
+        await self._changed(f"tenant:{tenant_id}")
+        return doc
+
+    async def delete_tenant(self, tenant_id: str) -> dict[str, Any]:
+        doc = await self.get_tenant(tenant_id)
+        active = [k for k in await self.list_keys(tenant_id=tenant_id) if k["status"] == "active"]
+        if active:
+            raise Conflict(f"tenant {tenant_id} has {len(active)} active keys; revoke them first")
+        await self._store.delete_record(TENANTS, tenant_id)
+        await self._changed(f"tenant:{tenant_id}")
+        return doc
+
+    def _check_plan(self, plan: str) -> None:
+        if plan not in self._config.plans:
+            known = ", ".join(sorted(self._config.plans)) or "none are configured"
+            raise Invalid(f"unknown plan {plan!r} (plans: {known})")
