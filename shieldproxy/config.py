@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from shieldproxy.limits.model import LimitRule
+
 ENV_PREFIX = "SHIELDPROXY_"
 DEFAULT_CONFIG_FILE = "shieldproxy.toml"
 
@@ -211,6 +213,19 @@ class LimitConfig(Section):
     burst: int | None = Field(None, gt=0, description="token_bucket ceiling")
     shadow: bool = Field(False, description='count "would deny", never deny')
     on_store_error: Literal["local", "open", "closed"] | None = None
+
+    def to_rule(self, default_on_store_error: str) -> LimitRule:
+        """The engine's rule; `on_store_error` unset means the [store] default."""
+        return LimitRule(
+            name=self.name,
+            scope=self.scope,
+            strategy=self.strategy,
+            requests=self.requests,
+            window_seconds=self.window_seconds,
+            burst=self.burst,
+            shadow=self.shadow,
+            on_store_error=self.on_store_error or default_on_store_error,  # type: ignore[arg-type]
+        )
 
     @model_validator(mode="after")
     def _burst_fits(self) -> LimitConfig:

@@ -58,7 +58,7 @@ class RequestContext:
         self.key_source = ""  # checks.api_key: authorization | x-api-key | query
         self.tenant_id = ""  # checks.api_key: the key's tenant
         # checks.api_key: the key's and its plan's limits and quotas, as (rule, subject)
-        self.extra_limits: tuple[tuple[LimitRule, str], ...] = ()
+        self.extra_limits: tuple[tuple[LimitRule, str | None], ...] = ()
         self.limit_hits: list[Hit] | None = None  # checks.rate_limit: limits applied
         self.limit_verdict: Verdict | None = None  # checks.rate_limit: their outcome
         self.decision: Decision | None = None  # handler: a fault's answer, when one happened

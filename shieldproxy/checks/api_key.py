@@ -112,13 +112,13 @@ def strip_query_parameter(query: str, name: str) -> str:
     return urlencode(kept)
 
 
-def quota_limits(view: KeyView, now: float) -> tuple[tuple[LimitRule, str], ...]:
+def quota_limits(view: KeyView, now: float) -> tuple[tuple[LimitRule, str | None], ...]:
     """This billing period's quota counters: the key's own, and the tenant plan's."""
     if not view.quota and not view.plan_quota:
         return ()
     start, end = billing_period(view.anchor_day, now)
     period = int(start)
-    limits = []
+    limits: list[tuple[LimitRule, str | None]] = []
     if view.quota:
         rule = LimitRule("quota", "key", "quota", view.quota, end - start, period_end=end)
         limits.append((rule, f"{view.id}@{period}"))

@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Callable
 from functools import lru_cache
 
-from shieldproxy.config import Config, LimitConfig
+from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
 from shieldproxy.limits.engine import RateLimiter, Verdict
@@ -15,26 +15,19 @@ from shieldproxy.limits.model import Hit, LimitRule
 from shieldproxy.metrics import UNMATCHED_ROUTE
 from shieldproxy.routes import Route
 
-_STATUS = {"rate_limited": 429, "concurrency_limited": 429, "store_unavailable": 503}
+_STATUS = {
+    "rate_limited": 429,
+    "concurrency_limited": 429,
+    "quota_exceeded": 429,
+    "store_unavailable": 503,
+}
 _MESSAGES = {
     "rate_limited": "rate limit exceeded",
+    "quota_exceeded": "the monthly quota is used up",
     "concurrency_limited": "too many requests in flight",
     "store_unavailable": "rate limits cannot be checked right now",
 }
 _LEGACY = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
-
-
-def to_rule(limit: LimitConfig, default_on_store_error: str) -> LimitRule:
-    return LimitRule(
-        name=limit.name,
-        scope=limit.scope,
-        strategy=limit.strategy,
-        requests=limit.requests,
-        window_seconds=limit.window_seconds,
-        burst=limit.burst,
-        shadow=limit.shadow,
-        on_store_error=limit.on_store_error or default_on_store_error,  # type: ignore[arg-type]
-    )
 
 
 class RateLimitCheck:
@@ -46,9 +39,9 @@ class RateLimitCheck:
     def __init__(self, config: Config, limiter: RateLimiter) -> None:
         self._limiter = limiter
         fallback = config.store.on_store_error
-        self._global = tuple(to_rule(limit, fallback) for limit in config.limits)
+        self._global = tuple(limit.to_rule(fallback) for limit in config.limits)
         self._by_route = {
-            route.name: self._global + tuple(to_rule(limit, fallback) for limit in route.limits)
+            route.name: self._global + tuple(limit.to_rule(fallback) for limit in route.limits)
             for route in config.routes
         }
         options = config.rate_limits
@@ -71,8 +64,10 @@ class RateLimitCheck:
             for rule in rules
             if (subject := self._subject(rule, ctx, route)) is not None
         ]
-        if extra:
-            hits += [Hit(rule, subject, cost) for rule, subject in extra]
+        for rule, given in extra:
+            subject = given if given is not None else self._subject(rule, ctx, route)
+            if subject is not None:
+                hits.append(Hit(rule, subject, cost))
         if not hits:
             return ALLOW
         verdict = await self._limiter.check(hits)
@@ -84,7 +79,12 @@ class RateLimitCheck:
         if verdict.allowed:
             if headers:
                 ctx.add_response_headers(headers)
-            if any(state.shadow_denied for state in verdict.states):
+            # A shadow rule that would have denied is reported; a quota past its limit on
+            # an overage-allowed plan is billable usage, not a would-be denial.
+            if any(
+                state.shadow_denied and hit.rule.strategy != "quota"
+                for hit, state in zip(hits, verdict.states, strict=True)
+            ):
                 return Decision(allowed=False, shadow=True, status=429, code="rate_limited")
             return ALLOW
         code = verdict.code

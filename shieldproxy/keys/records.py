@@ -28,7 +28,8 @@ class KeyView:
     revoked: bool
     expires_at: float | None  # epoch seconds
     secret_valid_until: float | None  # a rotated-out secret stops working then
-    limits: tuple[tuple[LimitRule, str], ...]  # (rule, subject) without quota
+    # (rule, subject) without quota; subject None = resolved from the rule's scope per request
+    limits: tuple[tuple[LimitRule, str | None], ...]
     quota: int  # the key's own monthly quota (0 = none)
     plan_quota: int  # the tenant plan's monthly quota (0 = none)
     plan_overage: str  # "block" | "allow"
@@ -39,9 +40,9 @@ class KeyView:
         return "admin" in self.scopes or needed <= self.scopes
 
 
-def key_rules(key_id: str, doc: dict[str, Any]) -> list[tuple[LimitRule, str]]:
+def key_rules(key_id: str, doc: dict[str, Any]) -> list[tuple[LimitRule, str | None]]:
     """A key's own limits as rules counted per key id; named `key`, `key-2`, ..."""
-    rules = []
+    rules: list[tuple[LimitRule, str | None]] = []
     for index, limit in enumerate(doc.get("rate_limits") or []):
         name = "key" if index == 0 else f"key-{index + 1}"
         rule = LimitRule(
@@ -57,25 +58,12 @@ def key_rules(key_id: str, doc: dict[str, Any]) -> list[tuple[LimitRule, str]]:
 
 
 def plan_rules(
-    tenant_id: str, plan: PlanConfig | None, on_store_error: str
-) -> list[tuple[LimitRule, str]]:
-    """A plan's limits, shared by every key of the tenant (or per key, if scoped so)."""
-    if plan is None or not tenant_id:
+    plan: PlanConfig | None, on_store_error: str
+) -> list[tuple[LimitRule, str | None]]:
+    """A plan's limits; their subjects follow their scope (the tenant, the key, the IP...)."""
+    if plan is None:
         return []
-    rules = []
-    for limit in plan.limits:
-        rule = LimitRule(
-            name=limit.name,
-            scope=limit.scope,
-            strategy=limit.strategy,
-            requests=limit.requests,
-            window_seconds=limit.window_seconds,
-            burst=limit.burst,
-            shadow=limit.shadow,
-            on_store_error=limit.on_store_error or on_store_error,  # type: ignore[arg-type]
-        )
-        rules.append((rule, tenant_id))
-    return rules
+    return [(limit.to_rule(on_store_error), None) for limit in plan.limits]
 
 
 def key_status(doc: dict[str, Any], now: float) -> Status:

@@ -179,7 +179,7 @@ class KeyRegistry:
             secret_valid_until=valid_until,
             limits=tuple(
                 key_rules(doc["id"], doc)
-                + plan_rules(tenant_id, plan, self._config.store.on_store_error)
+                + plan_rules(plan if tenant_id else None, self._config.store.on_store_error)
             ),
             quota=int(quota.get("monthly_requests") or 0),
             plan_quota=plan.monthly_quota if plan else 0,

@@ -18,7 +18,14 @@ async def key_usage(state: ProxyState, key_id: str) -> dict[str, Any]:
     view = await registry.view_of(await registry.get_key_doc(key_id))
     now = time.time()
     pairs = view.limits + quota_limits(view, now)
-    hits = [Hit(rule, subject, 0) for rule, subject in pairs]
+    # Limits counted per IP or route have no single value for a key: only key, tenant and
+    # global counters are reported.
+    by_scope = {"key": view.id, "tenant": view.tenant_id, "global": ""}
+    hits = [
+        Hit(rule, subject, 0)
+        for rule, given in pairs
+        if (subject := given if given is not None else by_scope.get(rule.scope)) is not None
+    ]
     states = (await state.limiter.peek(hits)).states if hits else ()
     limits = []
     quota_limit = quota_used = None

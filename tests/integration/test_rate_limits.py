@@ -111,8 +111,9 @@ def test_spoofed_forwarding_and_path_variants_share_one_bucket(
     proxy = proxy_factory(config)
     variants = ["/v1/items", "//v1//items", "/v1/./items", "/v1/it%65ms", "/v1/items/", "/V1/Items"]
     statuses = [
-        get(proxy.port, path, headers={"X-Forwarded-For": f"10.0.0.{i}", "X-Real-IP": "6.6.6.6"})
-        .status
+        get(
+            proxy.port, path, headers={"X-Forwarded-For": f"10.0.0.{i}", "X-Real-IP": "6.6.6.6"}
+        ).status
         for i, path in enumerate(variants)
     ]
     assert statuses == [200] * 5 + [429]
@@ -164,9 +165,7 @@ def test_token_bucket_admits_burst_plus_refill(
 def test_sustained_overload_gets_the_limit_each_window(
     proxy_factory: ProxyFactory, flush_redis: RedisServer
 ) -> None:
-    proxy = proxy_factory(
-        limit_config("fixed_window", 20, 1), args=("--store", flush_redis.url)
-    )
+    proxy = proxy_factory(limit_config("fixed_window", 20, 1), args=("--store", flush_redis.url))
 
     async def overload() -> list[int]:
         admitted = []
