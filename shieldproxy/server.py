@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -152,6 +153,7 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
         await admin_runner.cleanup()
         await _close_all(state)
         return EXIT_FATAL
+    _tune_gc()
     log.info(
         "proxying %s → %s; admin API on %s", server.listen, config.upstream.url, server.admin_listen
     )
@@ -171,6 +173,16 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
     await admin_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _tune_gc() -> None:
+    """Everything built at startup lives as long as the process: move it out of the
+    collector's sight (gc.freeze), and collect the young generation less often. A request
+    allocates a few dozen short-lived objects that reference counting frees; the default
+    threshold (700) ran a collection every few requests for nothing."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 async def _close_all(state: ProxyState) -> None:

@@ -89,6 +89,9 @@ class KeyRegistry:
         self._cache: dict[str, _Entry] = {}
         self._loading: dict[str, asyncio.Future[KeyView | None]] = {}
         self._used: dict[str, float] = {}
+        # Secrets of recently valid keys → their digest, so a repeat caller skips the format
+        # check and the HMAC. In memory only (a request holds the secret anyway), bounded.
+        self._digests: dict[str, str] = {}
         self._flusher: asyncio.Task[None] | None = None
 
     def reconfigure(self, config: Config) -> None:
@@ -111,9 +114,27 @@ class KeyRegistry:
 
     # ---- the hot path -------------------------------------------------------------------
 
+    def cached_view(self, secret: str) -> KeyView | None:
+        """A fresh cached view for a secret seen valid before, with no hashing; else None."""
+        digest = self._digests.get(secret)
+        if digest is None:
+            return None
+        entry = self._cache.get(digest)
+        if entry is None or entry.view is None or self._clock() >= entry.fresh_until:
+            return None
+        return entry.view
+
     async def lookup(self, secret: str) -> KeyView | None:
         """The key a well-formed secret names, or None if no such key exists."""
         digest = self.hasher.hash(secret)
+        view = await self._lookup_digest(digest)
+        if view is not None:
+            if len(self._digests) >= _MAX_ENTRIES:
+                self._digests.pop(next(iter(self._digests)))
+            self._digests[secret] = digest
+        return view
+
+    async def _lookup_digest(self, digest: str) -> KeyView | None:
         entry = self._cache.get(digest)
         now = self._clock()
         if entry is not None and now < entry.fresh_until:

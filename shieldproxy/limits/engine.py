@@ -17,7 +17,7 @@ from typing import Any
 from shieldproxy.limits import keys
 from shieldproxy.limits.cache import OverLimitCache
 from shieldproxy.limits.fallback import LocalFallback, QuotaBacklog
-from shieldproxy.limits.model import Hit, Strategy
+from shieldproxy.limits.model import Hit, LimitRule, Strategy
 from shieldproxy.store.base import (
     CallResult,
     LimitCall,
@@ -28,6 +28,8 @@ from shieldproxy.store.base import (
 )
 
 log = logging.getLogger(__name__)
+
+_Template = tuple[LimitRule, str, str, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,9 @@ class LimiterSettings:
     quota_backlog_max_counters: int = 100_000  # quota counters owed to a store that was down
 
 
-@dataclass(frozen=True, slots=True)
+# Built several times per request: not frozen, because a frozen dataclass pays
+# object.__setattr__ per field (~0.9 µs more per instance). Treat it as immutable.
+@dataclass(slots=True)
 class LimitState:
     """One hit's outcome, for headers and decision logs."""
 
@@ -64,7 +68,9 @@ class Lease:
     local: bool  # granted by the degraded-mode fallback, so released there
 
 
-@dataclass(frozen=True, slots=True)
+# Built several times per request: not frozen, because a frozen dataclass pays
+# object.__setattr__ per field (~0.9 µs more per instance). Treat it as immutable.
+@dataclass(slots=True)
 class Verdict:
     allowed: bool
     # "" | "rate_limited" | "quota_exceeded" | "concurrency_limited" | "store_unavailable"
@@ -113,6 +119,9 @@ class RateLimiter:
         self._settings = settings or LimiterSettings()
         self._prefix = self._settings.prefix or store.prefix
         self._cache = OverLimitCache(max_entries=self._settings.cache_max_entries)
+        # id(rule) -> (rule, key head, key tail, window_ms, burst, period_end_ms); the rule is
+        # kept in the value so a recycled id can never match a different rule.
+        self._templates: dict[int, _Template] = {}
         self._local = LocalFallback(max_entries=self._settings.fallback_max_entries)
         self._backlog = QuotaBacklog(max_counters=self._settings.quota_backlog_max_counters)
         self._settling: asyncio.Task[None] | None = None
@@ -166,20 +175,23 @@ class RateLimiter:
             return ALLOWED_NOTHING
         self.stats.checks += 1
         now = self._clock()
-        token = f"{self._instance_id}:{next(self._seq)}"
-        calls = [self._call(h, token, h.cost) for h in hits]
-        if len({c.key for c in calls}) < len(calls):
-            return await self._check_merged(hits, [c.key for c in calls])
+        # Storage keys first: an over-limit flood is answered from the cache below without
+        # building a single LimitCall.
+        keys_ = [self._key(h) for h in hits]
+        if len(set(keys_)) < len(keys_):
+            return await self._check_merged(hits, keys_)
         cached: tuple[float, int] | None = None
-        for i, (h, c) in enumerate(zip(hits, calls, strict=True)):
+        for i, (h, key) in enumerate(zip(hits, keys_, strict=True)):
             if h.rule.shadow or h.cost < 1 or h.rule.strategy == "concurrency":
                 continue
-            until = self._cache.denied_until(_cache_key(c), h.cost, now)
+            until = self._cache.denied_until(f"{key}#{h.rule.requests}", h.cost, now)
             if until is not None and (cached is None or until > cached[0]):
                 cached = (until, i)  # the longest wait decides, as in _verdict
         if cached is not None:
             self.stats.cache_denied += 1
             return self._cached_denial(hits, cached[1], cached[0] - now)
+        token = f"{self._instance_id}:{next(self._seq)}"
+        calls = [self._call(h, token, h.cost) for h in hits]
         try:
             results = await self._store.acquire(calls)
         except StoreError as exc:
@@ -239,17 +251,38 @@ class RateLimiter:
 
     def _call(self, hit: Hit, token: str, cost: int) -> LimitCall:
         rule = hit.rule
+        template = self._templates.get(id(rule))
+        if template is None or template[0] is not rule:
+            template = self._template(rule)
+        _, head, tail, window_ms, burst, period_end_ms = template
         return LimitCall(
-            key=keys.limit_key(self._prefix, rule, hit.subject),
-            strategy=rule.strategy,
-            limit=rule.requests,
-            window_ms=rule.window_ms,
-            burst=rule.ceiling,
-            cost=max(0, cost),
-            shadow=rule.shadow,
-            token=token,
-            period_end_ms=round(rule.period_end * 1000) if rule.strategy == "quota" else 0,
+            head + hit.subject + tail,
+            rule.strategy,
+            rule.requests,
+            window_ms,
+            burst,
+            cost if cost > 0 else 0,
+            rule.shadow,
+            token,
+            period_end_ms,
         )
+
+    def _key(self, hit: Hit) -> str:
+        rule = hit.rule
+        template = self._templates.get(id(rule))
+        if template is None or template[0] is not rule:
+            template = self._template(rule)
+        return template[1] + hit.subject + template[2]
+
+    def _template(self, rule: LimitRule) -> _Template:
+        """What a rule contributes to every call, computed once per rule object."""
+        head, tail = keys.limit_key_parts(self._prefix, rule)
+        period_end_ms = round(rule.period_end * 1000) if rule.strategy == "quota" else 0
+        template = (rule, head, tail, rule.window_ms, rule.ceiling, period_end_ms)
+        if len(self._templates) >= 10_000:  # quota rules are made per key and period
+            self._templates.clear()
+        self._templates[id(rule)] = template
+        return template
 
     def _verdict(
         self,

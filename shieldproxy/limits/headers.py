@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 from shieldproxy.limits.engine import LimitState, Verdict
 from shieldproxy.limits.model import Hit
@@ -20,24 +21,31 @@ def _seconds(value: float) -> int:
 
 
 def rate_limit_headers(hits: Sequence[Hit], verdict: Verdict) -> list[tuple[str, str]]:
-    """Headers for one response; shadow rules are not enforced, so they are not advertised."""
-    shown: list[tuple[Hit, LimitState]] = [
-        (h, s) for h, s in zip(hits, verdict.states, strict=True) if not h.rule.shadow
-    ]
-    headers: list[tuple[str, str]] = []
-    if shown:
-        policy = ", ".join(
-            f"{_sf_string(s.name)};q={s.limit};w={_seconds(h.rule.window_seconds)}"
-            for h, s in shown
-        )
-        current = ", ".join(
-            f"{_sf_string(s.name)};r={s.remaining};t={_seconds(s.reset_seconds)}" for _, s in shown
-        )
+    """Headers for one response; shadow rules are not enforced, so they are not advertised.
+
+    One pass over the hits (this runs on every limited response).
+    """
+    policy: list[str] = []
+    current: list[str] = []
+    worst: LimitState | None = None
+    for hit, state in zip(hits, verdict.states, strict=True):
+        rule = hit.rule
+        if rule.shadow:
+            continue
+        name = _quoted(rule.name)
+        policy.append(f"{name};q={state.limit};w={_seconds(rule.window_seconds)}")
+        current.append(f"{name};r={state.remaining};t={_seconds(state.reset_seconds)}")
         # The legacy trio can describe one policy only: the one closest to denying.
-        _, worst = min(shown, key=lambda hs: (hs[1].remaining, -hs[1].reset_seconds))
+        if worst is None or (state.remaining, -state.reset_seconds) < (
+            worst.remaining,
+            -worst.reset_seconds,
+        ):
+            worst = state
+    headers: list[tuple[str, str]] = []
+    if worst is not None:
         headers += [
-            ("RateLimit-Policy", policy),
-            ("RateLimit", current),
+            ("RateLimit-Policy", ", ".join(policy)),
+            ("RateLimit", ", ".join(current)),
             ("X-RateLimit-Limit", str(worst.limit)),
             ("X-RateLimit-Remaining", str(worst.remaining)),
             ("X-RateLimit-Reset", str(_seconds(worst.reset_seconds))),
@@ -45,3 +53,8 @@ def rate_limit_headers(hits: Sequence[Hit], verdict: Verdict) -> list[tuple[str,
     if verdict.retry_after is not None:
         headers.append(("Retry-After", str(max(1, _seconds(verdict.retry_after)))))
     return headers
+
+
+@lru_cache(maxsize=4096)
+def _quoted(name: str) -> str:
+    return _sf_string(name)

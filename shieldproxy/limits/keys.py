@@ -33,6 +33,14 @@ def quota_key(prefix: str, rule: LimitRule, subject: str) -> str:
     return f"{prefix}q:{{{rule.name}|{subject}}}"
 
 
+def limit_key_parts(prefix: str, rule: LimitRule) -> tuple[str, str]:
+    """`limit_key` split around the subject, so per-rule work is done once, not per request:
+    `head + subject + tail == limit_key(prefix, rule, subject)`."""
+    marker = "\x00"
+    head, _, tail = limit_key(prefix, rule, marker).partition(marker)
+    return head, tail
+
+
 def instances_key(prefix: str) -> str:
     """Sorted set of live proxy instance ids scored by heartbeat expiry (ms)."""
     return f"{prefix}inst"

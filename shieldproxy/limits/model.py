@@ -46,7 +46,9 @@ class LimitRule:
         return self.requests
 
 
-@dataclass(frozen=True, slots=True)
+# Built several times per request: not frozen, because a frozen dataclass pays
+# object.__setattr__ per field (~0.9 µs more per instance). Treat it as immutable.
+@dataclass(slots=True)
 class Hit:
     """One rule applied to one request."""
 
