@@ -49,7 +49,9 @@ class StoreMisuse(StoreError):
     """A programming or setup error (bad arguments, script error, wrong key type)."""
 
 
-@dataclass(frozen=True, slots=True)
+# Built several times per request: not frozen, because a frozen dataclass pays
+# object.__setattr__ per field (~0.9 µs more per instance). Treat it as immutable.
+@dataclass(slots=True)
 class LimitCall:
     """One limiter evaluation as the store sees it: a key, an algorithm and its numbers."""
 
@@ -67,7 +69,9 @@ class LimitCall:
     period_end_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+# Built several times per request: not frozen, because a frozen dataclass pays
+# object.__setattr__ per field (~0.9 µs more per instance). Treat it as immutable.
+@dataclass(slots=True)
 class CallResult:
     """Raw outcome of one LimitCall, all times in whole milliseconds (rounded up)."""
 

@@ -35,7 +35,7 @@ from shieldproxy.store.scripts import Script, decode, encode, encode_refund, loa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Job = tuple[list[str], list[str | int]]
+Job = tuple[Sequence[str | bytes], Sequence[str | bytes | int]]
 _Pending = tuple[list[LimitCall], "asyncio.Future[list[CallResult]]"]
 
 # Replies that mean "this server cannot serve right now" rather than "you sent something wrong".
@@ -296,6 +296,17 @@ class RedisStore(RedisRecords, Store):
 
     async def _acquire_many(self, requests: list[list[LimitCall]]) -> list[list[CallResult]]:
         now = self._now_ms()
+        if type(self)._slot is RedisStore._slot:
+            # One server, one slot: no splitting, so no partial commits to refund either.
+            step = self._max_requests
+            batches = [requests[i : i + step] for i in range(0, len(requests), step)]
+            answers = await self._roundtrip(
+                self._limits, [encode(b, "acquire", now) for b in batches]
+            )
+            results: list[list[CallResult]] = []
+            for b, reply in zip(batches, answers, strict=True):
+                results += decode(reply, b)
+            return results
         # Split each request by slot; one script call per slot carries every request's part.
         parts: dict[int, list[tuple[int, list[int]]]] = {}
         for ri, calls in enumerate(requests):

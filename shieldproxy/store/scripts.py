@@ -10,7 +10,11 @@ from importlib import resources
 from shieldproxy.store.base import CallResult, LimitCall, StoreMisuse
 
 _FIELDS = 6  # integers per call in an "acquire" reply, see limits.lua
-_ARGS = 9  # ARGV fields per call, see limits.lua
+
+# Per-rule constant head of a call record (strategy, limit, window, burst, shadow, period end),
+# cached as text: a proxy has few rules, so this stays small; cleared if it ever grows.
+_heads: dict[tuple[str, int, int, int, bool, int], str] = {}
+_MAX_HEADS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,30 +31,65 @@ def load_script(name: str) -> Script:
     return Script(name, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
 
 
+def _new_head(c: LimitCall) -> str:
+    if len(_heads) >= _MAX_HEADS:
+        _heads.clear()
+    head = _heads[(c.strategy, c.limit, c.window_ms, c.burst, c.shadow, c.period_end_ms)] = (
+        f"{c.strategy},{c.limit},{c.window_ms},{c.burst},{1 if c.shadow else 0},{c.period_end_ms},"
+    )
+    return head
+
+
+def _pack(calls: Sequence[LimitCall], stamps: Sequence[int] | None = None) -> bytes:
+    """One request's calls as a single ARGV string of call records (see the limits.lua header).
+
+    Hot path: one dict lookup for the rule's constant head and one f-string per call.
+    """
+    parts = []
+    for i, c in enumerate(calls):
+        head = _heads.get((c.strategy, c.limit, c.window_ms, c.burst, c.shadow, c.period_end_ms))
+        if head is None:
+            head = _new_head(c)
+        token = c.token
+        parts.append(f"{head}{c.cost},{0 if stamps is None else stamps[i]},{len(token)}:{token}")
+    text = "".join(parts)
+    data = text.encode()
+    if len(data) == len(text):
+        return data
+    # Not ASCII: a token's size prefix must count its bytes, not its characters.
+    out = []
+    for i, c in enumerate(calls):
+        token_bytes = c.token.encode()
+        stamp = 0 if stamps is None else stamps[i]
+        head = _new_head(c)
+        out.append(f"{head}{c.cost},{stamp},{len(token_bytes)}:".encode() + token_bytes)
+    return b"".join(out)
+
+
 def encode(
     requests: Sequence[Sequence[LimitCall]], mode: str, now_ms: int | None
-) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV for limits.lua evaluating `requests` in order (see the script header)."""
-    keys: list[str] = []
-    args: list[str | int] = ["" if now_ms is None else now_ms, mode, len(requests)]
-    for calls in requests:
-        args.append(len(calls))
-        for c in calls:
-            keys.append(c.key)
-            args += [
-                c.strategy, c.limit, c.window_ms, c.burst, c.cost,
-                "1" if c.shadow else "0", c.token, 0, c.period_end_ms,
-            ]  # fmt: skip
+) -> tuple[list[bytes], list[bytes]]:
+    """KEYS and ARGV for limits.lua evaluating `requests` in order (see the script header).
+
+    Everything is pre-encoded bytes: redis-py then passes each argument through untouched, and
+    each request is one ARGV string however many calls it has.
+    """
+    keys = [c.key.encode() for calls in requests for c in calls]
+    args = [b"" if now_ms is None else b"%d" % now_ms, mode.encode()]
+    args += [_pack(calls) for calls in requests]
     return keys, args
 
 
 def encode_refund(
     calls: Sequence[tuple[LimitCall, CallResult]], now_ms: int | None
-) -> tuple[list[str], list[str | int]]:
+) -> tuple[list[bytes], list[bytes]]:
     """KEYS and ARGV undoing earlier acquires; the stamp tells the script which window to fix."""
-    keys, args = encode([[c for c, _ in calls]], "refund", now_ms)
-    for i, (_, r) in enumerate(calls):
-        args[4 + i * _ARGS + 7] = r.stamp
+    keys = [c.key.encode() for c, _ in calls]
+    args = [
+        b"" if now_ms is None else b"%d" % now_ms,
+        b"refund",
+        _pack([c for c, _ in calls], [r.stamp for _, r in calls]),
+    ]
     return keys, args
 
 
@@ -58,13 +97,16 @@ def decode(reply: object, requests: Sequence[Sequence[LimitCall]]) -> list[list[
     """Split a flat "acquire" reply into per-request lists of CallResult."""
     if not isinstance(reply, list) or len(reply) != _FIELDS * sum(len(r) for r in requests):
         raise StoreMisuse(f"unexpected limits.lua reply: {reply!r:.200}")
+    it = iter(reply)
+    fields = zip(it, it, it, it, it, it, strict=True)  # _FIELDS per call
+    rows = [
+        CallResult(a == 1, rem, reset, retry, stamp, used)
+        for a, rem, reset, retry, stamp, used in fields
+    ]
     out: list[list[CallResult]] = []
     i = 0
     for calls in requests:
-        row = []
-        for _ in calls:
-            allowed, remaining, reset, retry, stamp, used = reply[i : i + _FIELDS]
-            row.append(CallResult(allowed == 1, remaining, reset, retry, stamp, used))
-            i += _FIELDS
-        out.append(row)
+        n = len(calls)
+        out.append(rows[i : i + n])
+        i += n
     return out

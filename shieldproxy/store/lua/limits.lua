@@ -11,11 +11,17 @@
 --   comes from Redis TIME so that every proxy instance agrees.
 -- ARGV[2]: mode: "acquire" | "charge" (consume unconditionally) | "release" (drop concurrency
 --   leases) | "refund" (undo an earlier acquire; used by the cluster store across shards).
--- ARGV[3]: number of requests R; then for each request: its number of calls N; then for each
---   call 9 fields: strategy name, limit (count), window (ms), burst (count), cost (count),
---   shadow ("1" | "0"), token (unique per request: names log entries and leases),
---   stamp (window start in ms, refund only, else "0"),
---   period end (quota only: absolute epoch ms, wall clock, when the billing period ends; else "0").
+-- ARGV[3..]: one string per request (the number of requests is #ARGV - 2), holding that
+--   request's calls back to back, in KEYS order, each as one record (built by
+--   shieldproxy/store/scripts.py; numbers are decimal text):
+--     strategy,limit,window,burst,shadow,period_end,cost,stamp,size:token
+--   strategy name; limit (count); window (ms); burst (count); shadow ("1" | "0");
+--   period end (quota only: absolute epoch ms, wall clock, when the billing period ends; else
+--   "0"); cost (count); stamp (window start in ms, refund only, else "0"); size (bytes of the
+--   token that follows); token (unique per request: names log entries and leases; any bytes).
+--   The first six fields are per-rule constants, so the client caches them as one fragment.
+--   Example: "fixed_window,100,60000,100,0,0,1,0,6:ab12:7token_bucket,5,1000,10,0,0,1,0,6:ab12:7"
+--   (two calls).
 -- Returns: "acquire": a flat array with 6 integers per call in KEYS order: allowed (1|0),
 --   remaining (count), reset (ms, rounded up), retry (ms until it would admit, 0 if allowed),
 --   stamp (window start in ms for fixed/sliding window, else 0), used (quota: units counted
@@ -240,22 +246,41 @@ refund.quota = function(c)
   end
 end
 
+-- One call record: 8 comma-terminated fields, then the token's size in bytes, ':' and the token
+-- itself (any bytes, so it is sized rather than delimited).
+local RECORD = '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),(%d+):'
+local find, sub = string.find, string.sub
+
+-- Parse every request before touching any key: a malformed record fails the whole call cleanly.
+local requests = {}
+local ki = 1
+for ri = 3, #ARGV do
+  local packed = ARGV[ri]
+  local calls, pos = {}, 1
+  while pos <= #packed do
+    local _, e, strategy, limit, window, burst, shadow, period_end, cost, stamp, size =
+      find(packed, RECORD, pos)
+    if not e then return redis.error_reply('limits.lua: malformed call record') end
+    local tend = e + tonumber(size)
+    calls[#calls + 1] = {
+      key = KEYS[ki], strategy = strategy, limit = tonumber(limit), window = tonumber(window),
+      burst = tonumber(burst), cost = tonumber(cost), shadow = shadow == '1',
+      token = sub(packed, e + 1, tend), stamp = tonumber(stamp),
+      period_end = tonumber(period_end),
+    }
+    ki, pos = ki + 1, tend + 1
+  end
+  requests[#requests + 1] = calls
+end
+if ki - 1 ~= #KEYS then return redis.error_reply('limits.lua: KEYS and records disagree') end
+
 local out = {}
-local ki, ai = 1, 4
-for _ = 1, tonumber(ARGV[3]) do
-  local ncalls = tonumber(ARGV[ai])
-  ai = ai + 1
-  local calls, sts = {}, {}
+for _, calls in ipairs(requests) do
+  local ncalls = #calls
+  local sts = {}
   local admit = true
   for j = 1, ncalls do
-    local c = {
-      key = KEYS[ki], strategy = ARGV[ai], limit = tonumber(ARGV[ai + 1]),
-      window = tonumber(ARGV[ai + 2]), burst = tonumber(ARGV[ai + 3]),
-      cost = tonumber(ARGV[ai + 4]), shadow = ARGV[ai + 5] == '1', token = ARGV[ai + 6],
-      stamp = tonumber(ARGV[ai + 7]), period_end = tonumber(ARGV[ai + 8]),
-    }
-    ki, ai = ki + 1, ai + 9
-    calls[j] = c
+    local c = calls[j]
     if mode == 'release' then
       if c.strategy == 'concurrency' then zset_remove(c) end
     elseif mode == 'refund' then
