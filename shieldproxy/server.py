@@ -80,6 +80,9 @@ def serve(source: ConfigSource) -> int:
 
 
 def run_worker(source: ConfigSource, index: int, workers: int) -> int:
+    # Until the event loop takes SIGHUP over, a reload request must not kill us; the config
+    # is read below, so nothing is missed.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = source.load()
     configure_logging(config.server.log_level, index if workers > 1 else None)
     return uvloop.run(_worker_main(source, config, index, workers))
@@ -140,6 +143,12 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
     admin_runner = web.AppRunner(
         build_admin_app(state, token), access_log=None, shutdown_timeout=2.0
     )
+    # Handlers before the listeners open: anyone who can reach the port may assume the
+    # process handles SIGHUP (whose default action would kill it) and SIGTERM.
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(source, state, loop))
     await proxy_runner.setup()
     await admin_runner.setup()
     try:
@@ -157,10 +166,6 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
     log.info(
         "proxying %s → %s; admin API on %s", server.listen, config.upstream.url, server.admin_listen
     )
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(source, state, loop))
     housekeeping = asyncio.ensure_future(_housekeeping(state, files, stop, os.getppid(), workers))
     await stop.wait()
     state.draining = True
