@@ -8,6 +8,7 @@ interleaved rounds, medians) more than about absolute numbers.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -413,3 +414,39 @@ def print_table(targets: Sequence[Target], out: Any = sys.stdout) -> None:
             f"{fmt_ms(m.p99_ms):>11}{m.errors:>8}{m.non_2xx:>9}{rss:>10}",
             file=out,
         )
+
+
+def finish_run(
+    args: Any,
+    *,
+    benchmark: str,
+    pinning: dict[str, Any],
+    targets: list[dict[str, Any]],
+    summary: Any,
+    busy: float,
+    invalid: list[str],
+    problems: list[str],
+    what: str,
+) -> int:
+    """Print logged problems, write the --json report, and give the exit code (2 = invalid)."""
+    for line in problems[:20]:
+        print(f"logged: {line}")
+    if args.json:
+        payload = {
+            "benchmark": benchmark,
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "pinning": pinning,
+            "targets": targets,
+            "summary": summary,
+            "background_cpu_percent": busy,
+            "valid": not invalid and not problems,
+            "logged_problems": problems,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    if invalid or problems:
+        print(
+            f"INVALID RUN: {what} from {', '.join(invalid) or 'none'}; "
+            f"{len(problems)} error lines logged by the services"
+        )
+        return 2
+    return 0

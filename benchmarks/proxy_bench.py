@@ -11,7 +11,6 @@ See benchmarks/README.md for the layout and how to read the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from harness import (
     WrkLoad,
     background_cpu_percent,
     cpu_count,
+    finish_run,
     free_port,
     nginx_upstream,
     per_round_ratios,
@@ -193,27 +193,17 @@ def main() -> int:
             problems += [f"{service.name}: {line}" for line in service.log_problems()]
     summary = report(targets, args)
     invalid = [t.name for t in targets if not t.median().valid]
-    for line in problems[:20]:
-        print(f"logged: {line}")
-    if args.json:
-        payload = {
-            "benchmark": "proxy_pass_through",
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "pinning": {"proxy": shield_cpus or "all", "reference": proxy_cpu, "load": LOAD_CPU},
-            "targets": [t.as_json() for t in targets],
-            "summary": summary,
-            "background_cpu_percent": busy,
-            "valid": not invalid and not problems,
-            "logged_problems": problems,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    if invalid or problems:
-        print(
-            f"INVALID RUN: socket errors or non-2xx from {', '.join(invalid) or 'none'}; "
-            f"{len(problems)} error lines logged by the services"
-        )
-        return 2
-    return 0
+    return finish_run(
+        args,
+        benchmark="proxy_pass_through",
+        pinning={"proxy": shield_cpus or "all", "reference": proxy_cpu, "load": LOAD_CPU},
+        targets=[t.as_json() for t in targets],
+        summary=summary,
+        busy=busy,
+        invalid=invalid,
+        problems=problems,
+        what="socket errors or non-2xx",
+    )
 
 
 if __name__ == "__main__":

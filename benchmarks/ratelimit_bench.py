@@ -40,6 +40,7 @@ from harness import (
     WrkResult,
     background_cpu_percent,
     cpu_count,
+    finish_run,
     fmt_ms,
     free_port,
     nginx_upstream,
@@ -559,27 +560,17 @@ def main() -> int:
             problems += [f"{service.name}: {line}" for line in service.log_problems()]
     summary = report(benches)
     invalid = [name for name, b in benches.items() if not all(b.valid)]
-    for line in problems[:20]:
-        print(f"logged: {line}")
-    if args.json:
-        payload = {
-            "benchmark": "rate_limits_redis",
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "pinning": {"proxy": PROXY_CPU, "load": LOAD_CPU},
-            "targets": [b.target.as_json() for b in benches.values()],
-            "summary": summary,
-            "background_cpu_percent": busy,
-            "valid": not invalid and not problems,
-            "logged_problems": problems,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    if invalid or problems:
-        print(
-            f"INVALID RUN: socket errors or unexpected statuses from {', '.join(invalid) or 'none'}; "
-            f"{len(problems)} error lines logged by the services"
-        )
-        return 2
-    return 0
+    return finish_run(
+        args,
+        benchmark="rate_limits_redis",
+        pinning={"proxy": PROXY_CPU, "load": LOAD_CPU},
+        targets=[b.target.as_json() for b in benches.values()],
+        summary=summary,
+        busy=busy,
+        invalid=invalid,
+        problems=problems,
+        what="socket errors or unexpected statuses",
+    )
 
 
 def run_all(
