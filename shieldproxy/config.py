@@ -253,7 +253,12 @@ class RouteConfig(Section):
     @field_validator("methods")
     @classmethod
     def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(method.upper() for method in value)
+        methods = tuple(method.upper() for method in value)
+        # Servers answer HEAD with their GET handler: a GET route's scopes and limits must
+        # cover HEAD too, or HEAD would be a way around them.
+        if "GET" in methods and "HEAD" not in methods:
+            methods += ("HEAD",)
+        return methods
 
 
 class Config(Section):

@@ -58,6 +58,13 @@ _REPLACED = frozenset(
         b"cf-connecting-ip",
         b"fastly-client-ip",
         b"x-request-id",
+        # Method and path overrides some frameworks honour: they would let a request that
+        # passed the checks as one method or path act upstream as another.
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-original-url",
+        b"x-rewrite-url",
     }
 )
 SKIP_REQUEST = HOP_BY_HOP | _REPLACED
@@ -86,6 +93,17 @@ def nominated(values: list[str]) -> frozenset[bytes]:
     tokens = {t.strip().lower() for value in values for t in value.split(",")}
     tokens -= {"", "close", "keep-alive", "upgrade"}
     return frozenset(token.encode("latin-1", "replace") for token in tokens)
+
+
+def client_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """The client's headers that may reach the upstream (plain requests and WebSockets)."""
+    request = ctx.request
+    connection = request.headers.getall("Connection", ())
+    extra = nominated(connection) if connection else frozenset()
+    if ctx.key_source:
+        # The API key never reaches the upstream; the identity headers replace it.
+        extra = extra | _KEY_CARRIERS.get(ctx.key_source, _ALL_KEY_CARRIERS)
+    return [pair for pair in request.raw_headers if not _strip_request_header(pair[0], extra)]
 
 
 def _strip_request_header(name: bytes, extra: frozenset[bytes]) -> bool:
@@ -183,15 +201,9 @@ class Forwarder:
         target = self._base_path + ctx.path
         if ctx.query:
             target = f"{target}?{ctx.query}"
-        connection = request.headers.getall("Connection", ())
-        extra = nominated(connection) if connection else frozenset()
-        if ctx.key_source:
-            # The API key never reaches the upstream; the identity headers replace it.
-            extra = extra | _KEY_CARRIERS.get(ctx.key_source, _ALL_KEY_CARRIERS)
         parts = [f"{request.method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
-        for name, value in request.raw_headers:
-            if not _strip_request_header(name, extra):
-                parts += (name, b": ", value, b"\r\n")
+        for name, value in client_headers(ctx):
+            parts += (name, b": ", value, b"\r\n")
         headers = request.headers
         if self.settings.preserve_host and (host := headers.get("Host")):
             parts.append(f"Host: {host}\r\n".encode("latin-1", "replace"))
@@ -275,6 +287,10 @@ class Forwarder:
             transport = ctx.request.transport
             if transport is not None:
                 transport.close()
+        except ConnectionError:
+            # The client went away mid-stream: nothing to answer, nothing to log as an error.
+            conn.close()
+            ctx.client_gone = True
         return response
 
     def _response_headers(self, ctx: RequestContext, head: ResponseHead) -> CIMultiDict[str]:

@@ -249,8 +249,9 @@ def _reload(source: ConfigSource, state: ProxyState, loop: asyncio.AbstractEvent
         after = getattr(getattr(config, section), key)
         if before != after:
             log.warning("%s changed (%s → %s): takes effect after a restart", dotted, before, after)
+    runtime = Runtime(config, loop, state.limiter, state.registry)
     state.registry.reconfigure(config)
-    state.runtime = Runtime(config, loop, state.limiter, state.registry)
+    state.runtime = runtime
     state.metrics.reload("applied")
     log.info("config reloaded")
     # Requests already running keep the old runtime; its pool closes connections as they

@@ -115,8 +115,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._pool.forget(self)
-        if self.head is not None and not self.complete and self._close_delimited():
-            self._finish()  # a body without length or chunking ends with the connection
+        if self.head is not None and not self.complete and self._close_delimited() and exc is None:
+            self._finish()  # a body without length or chunking ends with a clean close
         elif not self.complete:
             self._fail(UpstreamUnavailable("the upstream closed the connection", "reset"))
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -192,10 +192,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
+        """Wait while the upstream is not reading; an upstream that stops reading for
+        read_timeout is a timeout like one that stops answering."""
         if self._write_paused and not self.closed:
             self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
-            self._drain_waiter = None
+            try:
+                async with asyncio.timeout(self._pool.settings.read_timeout):
+                    await self._drain_waiter
+            except TimeoutError:
+                self.close()
+                raise UpstreamTimeout("the upstream stopped reading the request body") from None
+            finally:
+                self._drain_waiter = None
 
     async def response_head(self) -> ResponseHead:
         """Wait for the status line and headers; the read timeout starts now."""

@@ -16,7 +16,7 @@ from yarl import URL
 
 from shieldproxy.context import RequestContext
 from shieldproxy.errors import UpstreamTimeout, UpstreamUnavailable
-from shieldproxy.forward import SKIP_REQUEST, forwarding_headers
+from shieldproxy.forward import client_headers, forwarding_headers
 
 if TYPE_CHECKING:
     from shieldproxy.state import Runtime
@@ -53,10 +53,8 @@ async def relay_websocket(ctx: RequestContext, runtime: Runtime) -> web.StreamRe
     request = ctx.request
     headers = [
         (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in request.raw_headers
-        if name.lower() not in SKIP_REQUEST
-        and name.lower() not in _WS_OWN
-        and not name.lower().startswith(b"x-shield-")
+        for name, value in client_headers(ctx)
+        if name.lower() not in _WS_OWN
     ]
     headers += forwarding_headers(ctx)
     headers += ctx.upstream_headers or ()

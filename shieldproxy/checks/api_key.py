@@ -13,7 +13,7 @@ from shieldproxy.keys.records import KeyView, billing_period
 from shieldproxy.keys.registry import KeyRegistry
 from shieldproxy.keys.secret import well_formed
 from shieldproxy.limits.model import LimitRule
-from shieldproxy.store.base import StoreUnavailable
+from shieldproxy.store.base import StoreError
 
 MISSING = deny(401, "missing_key", "an API key is required (Authorization: Bearer <key>)")
 INVALID = deny(401, "invalid_key", "the API key is not valid")
@@ -63,7 +63,7 @@ class ApiKeyCheck:
                 return INVALID  # typos and made-up keys never reach the store
             try:
                 view = await self._registry.lookup(secret)
-            except StoreUnavailable:
+            except StoreError:  # a fault, never the client's: 503, not 401 and not 500
                 return UNAVAILABLE
         if view is None:
             return INVALID

@@ -29,6 +29,10 @@ def canonical_path(raw_path: str) -> str:
         raise BadTarget("the request target must be a path starting with '/'")
     if "\\" in raw_path:
         raise BadTarget("backslash in path")
+    if ";" in raw_path:
+        # Path parameters (`/admin;x/secret`) are dropped by some servers (Tomcat, Spring):
+        # routing here and there would see different paths.
+        raise BadTarget("';' path parameters are not accepted")
     if "#" in raw_path:
         # A fragment never belongs in a request target; servers disagree on whether
         # `/admin#x` is `/admin`, so a route written for `/admin` could be dodged.

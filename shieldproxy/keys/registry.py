@@ -87,6 +87,8 @@ class KeyRegistry:
         self._ttl = config.auth.cache_ttl_seconds
         self._max_stale = config.auth.max_stale_seconds
         self._cache: dict[str, _Entry] = {}
+        self._unknown: dict[str, float] = {}  # digest of a key that does not exist → until
+        self._generation = 0  # bumped by every invalidation
         self._loading: dict[str, asyncio.Future[KeyView | None]] = {}
         self._used: dict[str, float] = {}
         # Secrets of recently valid keys → their digest, so a repeat caller skips the format
@@ -100,6 +102,7 @@ class KeyRegistry:
         self._ttl = config.auth.cache_ttl_seconds
         self._max_stale = config.auth.max_stale_seconds
         self._cache.clear()
+        self._generation += 1
 
     async def start(self) -> None:
         await self._store.subscribe(CHANNEL, self._on_invalidate)
@@ -135,30 +138,48 @@ class KeyRegistry:
         return view
 
     async def _lookup_digest(self, digest: str) -> KeyView | None:
-        entry = self._cache.get(digest)
         now = self._clock()
+        entry = self._cache.get(digest)
         if entry is not None and now < entry.fresh_until:
             return entry.view
+        unknown_until = self._unknown.get(digest)
+        if unknown_until is not None and now < unknown_until:
+            return None
         pending = self._loading.get(digest)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[KeyView | None] = asyncio.get_running_loop().create_future()
         self._loading[digest] = future
+        generation = self._generation
         try:
             view = await self._load(digest)
-        except StoreUnavailable as exc:
-            if entry is not None and entry.view is not None and now < entry.stale_until:
+        except BaseException as exc:
+            stale = entry is not None and entry.view is not None and now < entry.stale_until
+            if isinstance(exc, StoreUnavailable) and stale:
+                assert entry is not None
                 future.set_result(entry.view)
                 return entry.view  # bounded staleness: honour what we knew
-            future.set_exception(exc)
-            future.exception()  # retrieved here; waiters get it via shield
+            # Every waiter gets an answer, whatever went wrong (a bad record, cancellation).
+            error = exc if isinstance(exc, StoreError) else StoreUnavailable(repr(exc))
+            future.set_exception(error)
+            future.exception()  # marked retrieved; waiters receive it through shield()
             raise
         finally:
             self._loading.pop(digest, None)
-        ttl = self._ttl if view is not None else min(self._ttl, _NEGATIVE_TTL)
-        if len(self._cache) >= _MAX_ENTRIES:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[digest] = _Entry(view, now + ttl, now + self._max_stale)
+        if generation != self._generation:
+            # Something changed while we were reading: the view may predate it. Answer this
+            # request with it, but do not cache it.
+            future.set_result(view)
+            return view
+        if view is None:
+            # Unknown keys live apart, so a flood of made-up keys cannot evict known ones.
+            if len(self._unknown) >= _MAX_ENTRIES:
+                self._unknown.pop(next(iter(self._unknown)))
+            self._unknown[digest] = now + min(self._ttl, _NEGATIVE_TTL)
+        else:
+            if len(self._cache) >= _MAX_ENTRIES:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[digest] = _Entry(view, now + self._ttl, now + self._max_stale)
         future.set_result(view)
         return view
 
@@ -210,14 +231,17 @@ class KeyRegistry:
 
     def _on_invalidate(self, message: str) -> None:
         """`key:<id>`, `hash:<digest>` or `tenant:<id>` changed somewhere: forget it."""
+        self._generation += 1  # loads already under way must not cache what they read
         kind, _, value = message.partition(":")
         if kind == "hash":
             self._cache.pop(value, None)
+            self._unknown.pop(value, None)
         elif kind == "key":
             for digest in [d for d, e in self._cache.items() if e.view and e.view.id == value]:
                 del self._cache[digest]
         else:
             self._cache.clear()
+            self._unknown.clear()
 
     async def _changed(self, message: str) -> None:
         self._on_invalidate(message)

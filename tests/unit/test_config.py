@@ -121,3 +121,12 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(Exception, match="frozen"):
         config.server.workers = 4  # type: ignore[misc]
+
+
+def test_get_routes_cover_head() -> None:
+    """HEAD is answered by GET handlers upstream, so a GET route's scopes and limits apply."""
+    config = load_config(
+        None,
+        env={"SHIELDPROXY_ROUTES": '[{"name": "r", "path": "/admin/*", "methods": ["GET"]}]'},
+    )
+    assert config.routes[0].methods == ("GET", "HEAD")

@@ -8,7 +8,13 @@ from aiohttp.test_utils import make_mocked_request
 from yarl import URL
 
 from shieldproxy.context import RequestContext
-from shieldproxy.forward import Forwarder, ForwardSettings, _strip_request_header, nominated
+from shieldproxy.forward import (
+    Forwarder,
+    ForwardSettings,
+    _strip_request_header,
+    client_headers,
+    nominated,
+)
 from shieldproxy.upstream import ResponseHead
 
 
@@ -121,3 +127,21 @@ def test_response_headers_drop_hop_by_hop_and_nominated() -> None:
         "Content-Length",
     ):
         assert gone not in headers
+
+
+def test_client_headers_drop_the_key_and_overrides_for_every_path() -> None:
+    """One filter serves plain requests and WebSocket upgrades (a review found the WebSocket
+    path forwarding X-API-Key and X_Shield_* spellings)."""
+    ctx = _ctx(
+        headers={
+            "X-API-Key": "sp_live_secret",
+            "Authorization": "Bearer sp_live_secret",
+            "X_Shield_Key_Id": "key_spoofed",
+            "X-HTTP-Method-Override": "DELETE",
+            "X-Original-URL": "/admin",
+            "Accept": "application/json",
+        }
+    )
+    ctx.key_source = "authorization"
+    kept = [name.decode().lower() for name, _ in client_headers(ctx)]
+    assert kept == ["accept"]

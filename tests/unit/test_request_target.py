@@ -118,3 +118,9 @@ def test_canonical_path_never_raises_anything_but_bad_target(raw: str) -> None:
         return
     assert canonical_path(path) == path
     assert "//" not in path
+
+
+def test_path_parameters_are_refused() -> None:
+    """`/v1/admin;x/secret` is `/v1/admin/secret` to Tomcat/Spring: refuse, never guess."""
+    with pytest.raises(BadTarget):
+        canonical_path("/v1/admin;x/secret")

@@ -1,0 +1,76 @@
+"""KeyRegistry cache races, on a real local store (SQLite) whose reads we can hold."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shieldproxy.config import Config
+from shieldproxy.keys.registry import KeyRegistry
+from shieldproxy.keys.secret import KeyHasher
+from shieldproxy.store.base import StoreMisuse
+from shieldproxy.store.local import LocalStore
+
+
+class HeldStore(LocalStore):
+    """A LocalStore whose next key-record read waits until released (or fails)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir=data_dir, clock=lambda: 0.0)
+        self.hold: asyncio.Event | None = None
+        self.reached = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None:
+        hold = self.hold
+        if kind != "keys" or hold is None:
+            return await super().get_record(kind, record_id)
+        self.hold = None  # only the first read is held
+        doc = await super().get_record(kind, record_id)  # read now, answered later
+        self.reached.set()
+        await hold.wait()
+        if self.fail is not None:
+            raise self.fail
+        return doc
+
+
+async def _registry(tmp_path: Path) -> tuple[HeldStore, KeyRegistry]:
+    store = HeldStore(tmp_path)
+    registry = KeyRegistry(store, KeyHasher(b"0123456789abcdef0123"), Config())
+    await registry.start()
+    return store, registry
+
+
+async def test_a_revoke_during_a_load_is_not_cached_away(tmp_path: Path) -> None:
+    store, registry = await _registry(tmp_path)
+    doc, secret = await registry.create_key({"name": "k"})
+    release = store.hold = asyncio.Event()
+    loading = asyncio.create_task(registry.lookup(secret))
+    await store.reached.wait()  # the load has read the key record (still active)...
+    await registry.revoke_key(doc["id"])  # ...then the key is revoked and invalidated...
+    release.set()  # ...and only then does the load finish with what it read
+    await loading
+    view = await registry.lookup(secret)
+    assert view is not None and view.revoked, "a stale pre-revoke view was cached"
+    await registry.close()
+    await store.close()
+
+
+async def test_waiters_get_an_answer_when_a_load_fails(tmp_path: Path) -> None:
+    store, registry = await _registry(tmp_path)
+    _, secret = await registry.create_key({"name": "k"})
+    release = store.hold = asyncio.Event()
+    store.fail = StoreMisuse("corrupt record")
+    first = asyncio.create_task(registry.lookup(secret))
+    await store.reached.wait()
+    second = asyncio.create_task(registry.lookup(secret))  # joins the load under way
+    await asyncio.sleep(0)
+    release.set()
+    for task in (first, second):
+        with pytest.raises(StoreMisuse):
+            await asyncio.wait_for(task, timeout=2)
+    await registry.close()
+    await store.close()
