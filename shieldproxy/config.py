@@ -90,6 +90,12 @@ class ServerConfig(Section):
     )
     body_timeout_seconds: Seconds = Field(30.0, description="silence inside a body → 408")
     shutdown_timeout_seconds: Seconds = Field(30.0, description="drain budget on SIGTERM")
+    drain_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="on SIGTERM, /readyz fails this long before the listener closes",
+    )
     reload_grace_seconds: Seconds = Field(
         60.0, description="after a reload, upstream connections in use this long are closed"
     )

@@ -169,6 +169,11 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
     housekeeping = asyncio.ensure_future(_housekeeping(state, files, stop, os.getppid(), workers))
     await stop.wait()
     state.draining = True
+    if server.drain_delay_seconds:
+        log.info(
+            "draining: /readyz fails for %ss before the listener closes", server.drain_delay_seconds
+        )
+        await asyncio.sleep(server.drain_delay_seconds)
     log.info("draining: finishing in-flight requests (up to %ss)", server.shutdown_timeout_seconds)
     await proxy_runner.cleanup()
     housekeeping.cancel()

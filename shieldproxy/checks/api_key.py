@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_plus
 
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
@@ -109,9 +109,10 @@ class ApiKeyCheck:
 
 
 def strip_query_parameter(query: str, name: str) -> str:
-    """The query without the key parameter, so the key never reaches the upstream."""
-    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != name]
-    return urlencode(kept)
+    """The query without the key parameter, so the key never reaches the upstream; every
+    other piece is kept byte for byte (no re-encoding)."""
+    kept = [piece for piece in query.split("&") if unquote_plus(piece.partition("=")[0]) != name]
+    return "&".join(kept)
 
 
 def quota_limits(view: KeyView, now: float) -> tuple[tuple[LimitRule, str | None], ...]:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[str], None]
 RESYNC = "*:resync"
+_PING_EVERY = 2.0  # seconds of silence before we PING the subscribed connection
+_SILENCE = 5.0  # seconds without any reply (message or PONG) before reconnecting
 
 
 class LocalBus:
@@ -84,6 +86,26 @@ class RedisBus:
             except Exception:  # a subscriber's bug must not kill the listener
                 log.exception("invalidation subscriber failed on %r", message)
 
+    async def _pump(self, pubsub: Any, names: dict[str, str]) -> None:
+        """Deliver messages; PING when quiet. A half-open connection (a failover behind a
+        virtual IP, a partition) never errors by itself: no answer to our PING within
+        `_SILENCE` means reconnect, and the reconnect tells subscribers to resync."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        while True:
+            item = await pubsub.get_message(timeout=_PING_EVERY)
+            now = loop.time()
+            if item is not None:
+                heard = now
+                if item["type"] == "message":
+                    name = item["channel"].decode()
+                    if name in names:
+                        self._deliver(names[name], item["data"].decode())
+                continue
+            if now - heard > _SILENCE:
+                raise rex.ConnectionError("no answer to PING on the invalidation channel")
+            await pubsub.ping()
+
     async def _listen(self) -> None:
         names = {self._name(channel): channel for channel in self._subscribers}
         delay = 0.2
@@ -92,17 +114,15 @@ class RedisBus:
             client = self._connect()
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(*names)
+                async with asyncio.timeout(_SILENCE):
+                    await pubsub.subscribe(*names)
                 if not first:
                     for channel in self._subscribers:
                         self._deliver(channel, RESYNC)
                 first, delay = False, 0.2
-                async for item in pubsub.listen():
-                    name = item["channel"].decode()
-                    if name in names:
-                        self._deliver(names[name], item["data"].decode())
-            except (rex.RedisError, OSError) as exc:
-                log.debug("invalidation listener lost Redis (%s); reconnecting", exc)
+                await self._pump(pubsub, names)
+            except (rex.RedisError, OSError, TimeoutError) as exc:
+                log.debug("invalidation listener lost Redis (%r); reconnecting", exc)
             finally:
                 with contextlib.suppress(rex.RedisError, OSError):
                     await client.aclose()

@@ -191,3 +191,15 @@ def test_port_in_use_is_one_line_error(proxy_factory: ProxyFactory, proxy: Proxy
     assert clash.process.wait(15) != 0
     log = clash.log()
     assert "cannot listen" in log and "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_drain_delay_fails_readiness_before_the_listener_closes(
+    proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory("[server]\ndrain_delay_seconds = 1.5\n")
+    proxy.signal(signal.SIGTERM)
+    eventually(lambda: get(proxy.admin_port, "/readyz", timeout=2).status == 503, timeout=3)
+    # readiness already fails, but the proxy still serves while the load balancer catches up
+    assert get(proxy.port, "/still-serving", timeout=3).status == 200
+    assert proxy.process.wait(15) == 0
