@@ -39,6 +39,10 @@ class ApiKeyCheck:
         self._query_parameter = config.auth.query_parameter
         self._registry = registry
         self._wall = wall_clock
+        # key id → (the view it was built for, period end, limits with this period's quotas)
+        self._quota_cache: dict[
+            str, tuple[KeyView, float, tuple[tuple[LimitRule, str | None], ...]]
+        ] = {}
 
     async def decide(self, ctx: RequestContext) -> Decision:
         route = ctx.route
@@ -77,12 +81,27 @@ class ApiKeyCheck:
         ctx.key = view
         ctx.key_id = view.id
         ctx.tenant_id = view.tenant_id
-        ctx.extra_limits = view.limits + quota_limits(view, now)
+        ctx.extra_limits = self._limits_of(view, now)
         ctx.add_upstream_header("X-Shield-Key-Id", view.id)
         ctx.add_upstream_header("X-Shield-Tenant-Id", view.tenant_id)
         ctx.add_upstream_header("X-Shield-Scopes", view.scopes_header)
         self._registry.touch(view.id)
         return ALLOW
+
+    def _limits_of(self, view: KeyView, now: float) -> tuple[tuple[LimitRule, str | None], ...]:
+        """The key's limits plus this period's quotas, built once per view and period: the
+        billing period is calendar arithmetic, too slow to redo on every request."""
+        if not view.quota and not view.plan_quota:
+            return view.limits
+        cached = self._quota_cache.get(view.id)
+        if cached is not None and cached[0] is view and now < cached[1]:
+            return cached[2]
+        quotas = quota_limits(view, now)
+        limits = view.limits + quotas
+        if len(self._quota_cache) >= 100_000:
+            self._quota_cache.clear()
+        self._quota_cache[view.id] = (view, quotas[0][0].period_end, limits)
+        return limits
 
     def _extract(self, ctx: RequestContext) -> tuple[str | None, str]:
         headers = ctx.request.headers
