@@ -24,24 +24,12 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from reference_proxy import _SKIP_REQUEST
 from starlette.requests import ClientDisconnect
 
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the ones the client/server recompute themselves.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
+# The reference proxy's hop-by-hop set (run as a script, so the sibling module imports), plus
+# the length the client recomputes.
+_HOP_BY_HOP = _SKIP_REQUEST | {"content-length"}
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 

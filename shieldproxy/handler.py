@@ -37,7 +37,9 @@ class ProxyHandler:
                 response = deny_response(ctx, decision)
         finally:
             metrics.in_flight -= 1
-            if ctx.limit_verdict is not None:
+            limited = ctx.limit_verdict
+            # Only a concurrency lease or a post-response charge needs work afterwards.
+            if limited is not None and (limited.lease is not None or ctx.upstream_charge):
                 await settle_limits(ctx, runtime)
         route = ctx.route.name if ctx.route is not None else UNMATCHED_ROUTE
         final = ctx.decision or decision
