@@ -106,6 +106,9 @@ class Variant:
 
 VARIANTS = (
     Variant("no-limits", "[auth]\nrequired = false\n" + _store("a:")),
+    # Not a goal: the same key and route as 3-limits without the limits, so that the limits'
+    # own cost can be told apart from authentication's (issue 4 added keys to the 3-limit path).
+    Variant("auth-only", _store("g:") + PLAN_BASIC + ROUTE, plan="basic"),
     Variant(
         "3-limits",
         _store("b:")
@@ -485,6 +488,16 @@ def report(benches: dict[str, Bench]) -> dict[str, Any]:
         ),
     }
     print(
+        f"{'3-limits / auth-only req/s (informational)':<44} "
+        f"{ratio(rps['3-limits'], rps['auth-only']):6.2f}x"
+        "  the limits' own cost: same key and route, no limits"
+    )
+    print(
+        f"{'auth-only / no-limits req/s (informational)':<44} "
+        f"{ratio(rps['auth-only'], rps['no-limits']):6.2f}x"
+        "  what a cached API key costs"
+    )
+    print(
         f"flood heartbeats: {top['evalsha heartbeat']} in {seconds}s ({heartbeats_per_s:.2f}/s, all instances)"
     )
     return {
@@ -551,7 +564,7 @@ def main() -> int:
             Target("peer", peer_url, peer.pid),
             HeaderLoad(**base, headers=("Authorization: Bearer peer-key",)),
         )
-        order = ["no-limits", "3-limits", "full-plan", "peer", "flood-429"]
+        order = ["no-limits", "auth-only", "3-limits", "full-plan", "peer", "flood-429"]
         benches = {name: benches[name] for name in order}
         run_all(benches, client, scripts, args)
         problems = []

@@ -161,6 +161,14 @@ class RateLimitsConfig(Section):
     charge_header: str = Field(
         "", description="upstream response header whose integer is debited after the response"
     )
+    reserve_seconds: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="busy subjects: reserve this much of their traffic ahead from the store and "
+        "admit from it without a round trip (never over-admits; unspent units go back); 0 = ask "
+        "the store for every request",
+    )
 
 
 class AuthConfig(Section):

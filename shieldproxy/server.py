@@ -120,7 +120,10 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
     except ValueError as exc:
         log.error("store: %s", exc)
         return EXIT_FATAL
-    limiter = RateLimiter(store, settings=LimiterSettings(prefix=config.store.prefix))
+    settings = LimiterSettings(
+        prefix=config.store.prefix, reserve_seconds=config.rate_limits.reserve_seconds
+    )
+    limiter = RateLimiter(store, settings=settings)
     await limiter.start()
     metrics.watch_limiter(limiter)
     registry = KeyRegistry(store, KeyHasher(_key_secret(config, data_dir).encode()), config)

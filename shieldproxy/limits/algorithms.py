@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from shieldproxy.store.base import CallResult, LimitCall
+from shieldproxy.store.base import GRANT_SHARE, RESERVABLE, CallResult, LimitCall
 
 QUOTA_KEEP_MS = 40 * 86_400_000  # quota counters outlive their period for usage export/billing
 
@@ -33,6 +34,8 @@ class _Eval:
     retry: int
     stamp: int = 0
     used: int = 0
+    new: float = 0.0  # token_bucket only: the arrival time after this request
+    granted: int = 0
 
 
 def _zset_purge(e: _Entry, horizon: int) -> None:
@@ -76,6 +79,26 @@ def _tb_state(c: LimitCall, tat: float, now: int) -> tuple[int, int]:
     tau = c.burst * interval
     rem = max(0, math.floor((tau - (tat - now)) / interval + 1e-9))
     return rem, math.ceil(max(0, tat - tau + interval - now))
+
+
+def _grant(c: LimitCall, extra: int, ev: _Eval, now: int) -> int:
+    """Reserved units granted after an admitted request (limits.lua `grant`); `ev` evaluates
+    `c` at cost 0 on the state the request left."""
+    if not ev.ok:
+        return 0
+    if c.strategy in ("fixed_window", "sliding_window"):
+        avail = ev.rem
+    elif c.strategy == "quota":
+        avail = c.limit - ev.used
+    elif c.strategy == "token_bucket":
+        interval = c.window_ms / c.limit
+        avail = math.floor((c.burst * interval - (ev.new - now)) / interval + 1e-9)
+    else:
+        return 0
+    granted = max(0, min(extra, avail // GRANT_SHARE))
+    if granted and c.strategy == "token_bucket":
+        ev.new = ev.new + granted * (c.window_ms / c.limit)
+    return granted
 
 
 class MemoryCounters:
@@ -125,11 +148,54 @@ class MemoryCounters:
         entries = [self._entry_for(c, fresh) for c in calls]
         evals = [self._eval(c, e, now, wall) for c, e in zip(calls, entries, strict=True)]
         admit = all(ev.ok or c.shadow for c, ev in zip(calls, evals, strict=True))
-        for c, e, ev in zip(calls, entries, evals, strict=True):
+        reserving: list[tuple[int, LimitCall, _Entry]] = []
+        for i, (c, e, ev) in enumerate(zip(calls, entries, evals, strict=True)):
             # a shadow quota (overage allowed) counts past its limit: overage is billed
             if admit and (ev.ok or (c.shadow and c.strategy == "quota")) and c.cost > 0:
-                self._commit(c, e, ev, now, wall)
-        return [CallResult(ev.ok, ev.rem, ev.reset, ev.retry, ev.stamp, ev.used) for ev in evals]
+                self._commit(c, e, ev, now, wall, cost=c.cost)
+                if c.extra > 0 and ev.ok and c.strategy in RESERVABLE:
+                    reserving.append((i, c, e))
+        # Granted last, from what the whole request left over (limits.lua does it per call).
+        for i, c, e in reserving:
+            free = dataclasses.replace(c, cost=0)
+            ev = self._eval(free, e, now, wall)
+            granted = _grant(free, c.extra, ev, now)
+            if granted:
+                self._commit(free, e, ev, now, wall, cost=granted)
+                evals[i].rem, evals[i].used, evals[i].granted = ev.rem, ev.used, granted
+        return [
+            CallResult(ev.ok, ev.rem, ev.reset, ev.retry, ev.stamp, ev.used, ev.granted)
+            for ev in evals
+        ]
+
+    def refund(self, calls: Sequence[LimitCall], stamps: Sequence[int], now: int) -> None:
+        """Give back each call's cost in the window starting at its stamp (limits.lua "refund")."""
+        for c, stamp in zip(calls, stamps, strict=True):
+            if c.cost <= 0:
+                continue
+            if c.strategy == "quota":
+                e = self._quota.get(c.key)
+                if e is not None:
+                    e.n = max(0, e.n - c.cost)
+                    self.quota_changed.add(c.key)
+                continue
+            e = self._entries.get(c.key)
+            if e is None:
+                continue
+            if c.strategy == "fixed_window":
+                if e.w == stamp:
+                    e.n = max(0, e.n - c.cost)
+            elif c.strategy == "sliding_window":
+                if e.w == stamp:
+                    e.n = max(0, e.n - c.cost)
+                elif e.w == stamp + c.window_ms:
+                    e.p = max(0, e.p - c.cost)
+            elif c.strategy == "token_bucket":
+                if e.expires_ms > 0:
+                    e.tat -= c.cost * (c.window_ms / c.limit)
+            elif c.strategy in ("sliding_log", "concurrency"):
+                gone = {f"{c.token}:{i}" for i in range(1, c.cost + 1)}
+                e.zset = [item for item in e.zset if item[1] not in gone]
 
     def charge(self, calls: Sequence[LimitCall], now: int, wall: int | None = None) -> None:
         wall = now if wall is None else wall
@@ -144,7 +210,7 @@ class MemoryCounters:
                 _zset_add(c, e, now, min(c.cost, c.limit))
                 e.expires_ms = now + c.window_ms
             else:
-                self._commit(c, e, ev, now, wall)
+                self._commit(c, e, ev, now, wall, cost=c.cost)
 
     def quota_rows(self, keys: Sequence[str]) -> list[tuple[str, int, int]]:
         """(key, count, expiry epoch ms) of the named quota counters that still exist."""
@@ -224,30 +290,34 @@ class MemoryCounters:
         new = tat + c.cost * interval
         ok = new - c.burst * interval <= now
         rem, reset = _tb_state(c, tat, now)
-        return _Eval(ok, rem, reset, 0 if ok else math.ceil(new - c.burst * interval - now))
+        retry = 0 if ok else math.ceil(new - c.burst * interval - now)
+        return _Eval(ok, rem, reset, retry, new=new)
 
     @staticmethod
     def _cc_reset(c: LimitCall, e: _Entry, used: int, now: int) -> int:
         return 0 if used < c.limit else int(e.zset[0][0]) - now
 
-    def _commit(self, c: LimitCall, e: _Entry, ev: _Eval, now: int, wall: int) -> None:
+    def _commit(
+        self, c: LimitCall, e: _Entry, ev: _Eval, now: int, wall: int, *, cost: int
+    ) -> None:
+        """Consume `cost` units (the call's own cost, plus any reserved ones)."""
         w = c.window_ms
         if c.strategy == "quota":
             self._quota.setdefault(c.key, e)
-            e.n += c.cost
+            e.n += cost
             e.expires_ms = max(c.period_end_ms, wall) + QUOTA_KEEP_MS
             self.quota_changed.add(c.key)
             ev.used, ev.rem = e.n, max(0, c.limit - e.n)
         elif c.strategy == "fixed_window":
             if e.w != ev.stamp:
                 e.w, e.n = ev.stamp, 0
-            e.n += c.cost
+            e.n += cost
             e.expires_ms = e.w + w
             ev.rem = max(0, c.limit - e.n)
         elif c.strategy == "sliding_window":
-            e.n += c.cost
+            e.n += cost
             e.expires_ms = e.w + 2 * w
-            ev.rem = max(0, ev.rem - c.cost)
+            ev.rem = max(0, ev.rem - cost)
         elif c.strategy == "sliding_log":
             n = len(e.zset)
             _zset_add(c, e, now, c.cost)
@@ -261,7 +331,8 @@ class MemoryCounters:
             ev.rem = max(0, c.limit - n - c.cost)
             ev.reset = self._cc_reset(c, e, n + c.cost, now)
         else:
-            interval = w / c.limit
-            e.tat = max(e.tat, now) + c.cost * interval
+            # ev.new already holds the arrival time after `cost` (see _eval and _grant), computed
+            # with the same float operations as limits.lua.
+            e.tat = ev.new
             e.expires_ms = math.ceil(e.tat)
             ev.rem, ev.reset = _tb_state(c, e.tat, now)

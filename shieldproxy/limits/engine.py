@@ -18,6 +18,7 @@ from shieldproxy.limits import keys
 from shieldproxy.limits.cache import OverLimitCache
 from shieldproxy.limits.fallback import LocalFallback, QuotaBacklog
 from shieldproxy.limits.model import Hit, LimitRule, Strategy
+from shieldproxy.limits.reserve import GiveBack, Reservations, Reserve
 from shieldproxy.store.base import (
     CallResult,
     LimitCall,
@@ -42,6 +43,11 @@ class LimiterSettings:
     cache_max_entries: int = 100_000
     fallback_max_entries: int = 100_000
     quota_backlog_max_counters: int = 100_000  # quota counters owed to a store that was down
+    # Busy subjects: reserve this much of their traffic ahead from the store (see reserve.py);
+    # 0 asks the store for every request.
+    reserve_seconds: float = 0.05
+    reserve_max_units: int = 10_000  # per key and grant
+    reserve_max_entries: int = 100_000
 
 
 # Built several times per request: not frozen, because a frozen dataclass pays
@@ -96,6 +102,9 @@ class LimiterStats:
     quota_owed: int = 0  # quota units admitted during an outage, queued for the store
     quota_recharged: int = 0  # ... of which charged to the store after it recovered
     quota_dropped: int = 0  # ... of which dropped because the backlog was full
+    reserved: int = 0  # admitted from units reserved ahead, without a store call
+    given_back: int = 0  # reserved units returned to the store unspent
+    give_back_errors: int = 0
 
 
 ALLOWED_NOTHING = Verdict(True, "", (), None, False, None)
@@ -123,6 +132,17 @@ class RateLimiter:
         # kept in the value so a recycled id can never match a different rule.
         self._templates: dict[int, _Template] = {}
         self._local = LocalFallback(max_entries=self._settings.fallback_max_entries)
+        settings = self._settings
+        self._reserves = (
+            Reservations(
+                horizon_seconds=settings.reserve_seconds,
+                max_units=settings.reserve_max_units,
+                max_entries=settings.reserve_max_entries,
+            )
+            if settings.reserve_seconds > 0
+            else None
+        )
+        self._sweeper_task: asyncio.Task[None] | None = None
         self._backlog = QuotaBacklog(max_counters=self._settings.quota_backlog_max_counters)
         self._settling: asyncio.Task[None] | None = None
         self._instance_id = uuid.uuid4().hex
@@ -147,6 +167,8 @@ class RateLimiter:
         """Begin heartbeats (live-instance count for fallback limits). Call once from server."""
         await self._beat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        if self._reserves is not None:
+            self._sweeper_task = asyncio.create_task(self._give_back_loop())
 
     async def close(self) -> None:
         self._closing = True
@@ -156,6 +178,12 @@ class RateLimiter:
             self._heartbeat_task = None
             with contextlib.suppress(StoreError):
                 await self._store.heartbeat(self._instance_id, 0)  # leave the live set now
+        if self._sweeper_task is not None:
+            self._sweeper_task.cancel()
+            await asyncio.gather(self._sweeper_task, return_exceptions=True)
+            self._sweeper_task = None
+        if self._reserves is not None:
+            await self._give_back(self._reserves.drain())
         for lease in list(self._leases.values()):
             await self.release(lease)
         if self._background:
@@ -180,6 +208,12 @@ class RateLimiter:
         keys_ = [self._key(h) for h in hits]
         if len(set(keys_)) < len(keys_):
             return await self._check_merged(hits, keys_)
+        reserves = self._reserves
+        if reserves is not None:
+            taken = reserves.take(hits, keys_, now)
+            if taken is not None:
+                self.stats.reserved += 1
+                return _reserved_verdict(hits, taken, now)
         cached: tuple[float, int] | None = None
         for i, (h, key) in enumerate(zip(hits, keys_, strict=True)):
             if h.rule.shadow or h.cost < 1 or h.rule.strategy == "concurrency":
@@ -191,11 +225,23 @@ class RateLimiter:
             self.stats.cache_denied += 1
             return self._cached_denial(hits, cached[1], cached[0] - now)
         token = f"{self._instance_id}:{next(self._seq)}"
-        calls = [self._call(h, token, h.cost) for h in hits]
+        if reserves is None:
+            calls = [self._call(h, token, h.cost) for h in hits]
+        else:
+            wants = reserves.wants(hits, keys_, now)
+            calls = [self._call(h, token, h.cost, w) for h, w in zip(hits, wants, strict=True)]
         try:
             results = await self._store.acquire(calls)
         except StoreError as exc:
+            if reserves is not None:
+                reserves.settle(keys_, calls, None, now)
             return self._fallback(hits, calls, token, exc)
+        except BaseException:
+            if reserves is not None:
+                reserves.settle(keys_, calls, None, now)
+            raise
+        if reserves is not None:
+            reserves.settle(keys_, calls, results, now)
         self._degraded = False
         if self._backlog:
             self._owed_to_store()
@@ -209,8 +255,21 @@ class RateLimiter:
         return verdict
 
     async def peek(self, hits: Sequence[Hit]) -> Verdict:
-        """Current state of each hit's counter, consuming nothing (a cost-0 evaluation)."""
-        return await self.check([dataclasses.replace(h, cost=0) for h in hits])
+        """Current state of each hit's counter, consuming nothing (a cost-0 evaluation).
+
+        Units this instance reserved and has not spent yet count as not used."""
+        verdict = await self.check([dataclasses.replace(h, cost=0) for h in hits])
+        if self._reserves is None or len(verdict.states) != len(hits):
+            return verdict
+        now = self._clock()
+        held = [self._reserves.held(self._key(h), now) for h in hits]
+        if not any(held):
+            return verdict
+        states = tuple(
+            dataclasses.replace(s, remaining=s.remaining + n, used=max(0, s.used - n))
+            for s, n in zip(verdict.states, held, strict=True)
+        )
+        return dataclasses.replace(verdict, states=states)
 
     async def _check_merged(self, hits: Sequence[Hit], keys_: list[str]) -> Verdict:
         # Two hits on one key (the same rule matched twice) must count once with both costs:
@@ -249,7 +308,7 @@ class RateLimiter:
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _call(self, hit: Hit, token: str, cost: int) -> LimitCall:
+    def _call(self, hit: Hit, token: str, cost: int, extra: int = 0) -> LimitCall:
         rule = hit.rule
         template = self._templates.get(id(rule))
         if template is None or template[0] is not rule:
@@ -265,6 +324,7 @@ class RateLimiter:
             rule.shadow,
             token,
             period_end_ms,
+            extra,
         )
 
     def _key(self, hit: Hit) -> str:
@@ -298,11 +358,12 @@ class RateLimiter:
             LimitState(
                 name=h.rule.name,
                 limit=c.burst,
-                remaining=max(0, r.remaining),
+                # units reserved for this instance are still ours to spend
+                remaining=max(0, r.remaining) + r.granted,
                 reset_seconds=max(0, r.reset_ms) / 1000,
                 allowed=r.allowed,
                 shadow_denied=h.rule.shadow and not r.allowed,
-                used=r.used,
+                used=r.used - r.granted,
             )
             for h, c, r in zip(hits, calls, results, strict=True)
         )
@@ -358,6 +419,8 @@ class RateLimiter:
             retry = _retry_seconds(self._settings.closed_retry_after_seconds * 1000)
             return Verdict(False, "store_unavailable", states, retry, True, None)
         wall_ms = math.floor(self._wall() * 1000)
+        # Nothing is reserved from the fallback: its units are not the store's to give back.
+        calls = [dataclasses.replace(c, extra=0) if c.extra else c for c in calls]
         view, results = self._local.acquire(hits, calls, self._now_ms(), wall_ms)
         verdict = self._verdict(hits, view, results, token, degraded=True)
         if verdict.allowed:
@@ -441,10 +504,49 @@ class RateLimiter:
         if self._backlog:
             self._owed_to_store()
 
+    # ---- reserved units not spent ---------------------------------------------------------------
+
+    async def _give_back_loop(self) -> None:
+        assert self._reserves is not None
+        while not self._closing:
+            await asyncio.sleep(self._settings.reserve_seconds)
+            owed = self._reserves.expired(self._clock())
+            if owed:
+                await self._give_back(owed)
+
+    async def _give_back(self, owed: list[GiveBack]) -> None:
+        if not owed:
+            return
+        try:
+            await self._store.refund([c for c, _ in owed], [stamp for _, stamp in owed])
+        except StoreError as exc:
+            # Those units stay counted until their window ends: strict, never over-admitting.
+            self.stats.give_back_errors += 1
+            log.warning("could not give back %d reserved limit counters: %s", len(owed), exc)
+            return
+        self.stats.given_back += sum(c.cost for c, _ in owed)
+
     async def _heartbeat_loop(self) -> None:
         while not self._closing:  # also stops the loop if a cancel were ever lost in a store call
             await asyncio.sleep(self._settings.heartbeat_interval_seconds)
             await self._beat()
+
+
+def _reserved_verdict(hits: Sequence[Hit], taken: Sequence[Reserve], now: float) -> Verdict:
+    """Admitted from reserved units: what the store said at the grant, minus what we spent."""
+    states = tuple(
+        LimitState(
+            h.rule.name,
+            r.call.burst if r.call is not None else h.rule.ceiling,
+            r.base + r.left,
+            max(0.0, r.reset_at - now),
+            True,
+            False,
+            r.used - r.left,
+        )
+        for h, r in zip(hits, taken, strict=True)
+    )
+    return Verdict(True, "", states, None, False, None)
 
 
 def _code(strategy: Strategy) -> str:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 from shieldproxy.limits.engine import LimitState, Verdict
-from shieldproxy.limits.model import Hit
+from shieldproxy.limits.model import Hit, LimitRule
 
 
 def _sf_string(value: str) -> str:
@@ -23,7 +22,8 @@ def _seconds(value: float) -> int:
 def rate_limit_headers(hits: Sequence[Hit], verdict: Verdict) -> list[tuple[str, str]]:
     """Headers for one response; shadow rules are not enforced, so they are not advertised.
 
-    One pass over the hits (this runs on every limited response).
+    One pass over the hits, with each rule's constant text made once (this runs on every
+    limited response).
     """
     policy: list[str] = []
     current: list[str] = []
@@ -32,13 +32,16 @@ def rate_limit_headers(hits: Sequence[Hit], verdict: Verdict) -> list[tuple[str,
         rule = hit.rule
         if rule.shadow:
             continue
-        name = _quoted(rule.name)
-        policy.append(f"{name};q={state.limit};w={_seconds(rule.window_seconds)}")
-        current.append(f"{name};r={state.remaining};t={_seconds(state.reset_seconds)}")
+        parts = _parts.get(id(rule))
+        if parts is None or parts[0] is not rule:
+            parts = _rule_parts(rule)
+        name = parts[1]
+        policy.append(f"{name};q={state.limit}{parts[2]}")
+        reset = _seconds(state.reset_seconds)
+        current.append(f"{name};r={state.remaining};t={reset}")
         # The legacy trio can describe one policy only: the one closest to denying.
-        if worst is None or (state.remaining, -state.reset_seconds) < (
-            worst.remaining,
-            -worst.reset_seconds,
+        if worst is None or state.remaining < worst.remaining or (
+            state.remaining == worst.remaining and state.reset_seconds > worst.reset_seconds
         ):
             worst = state
     headers: list[tuple[str, str]] = []
@@ -55,6 +58,13 @@ def rate_limit_headers(hits: Sequence[Hit], verdict: Verdict) -> list[tuple[str,
     return headers
 
 
-@lru_cache(maxsize=4096)
-def _quoted(name: str) -> str:
-    return _sf_string(name)
+# id(rule) -> (rule, quoted name, ";w=<window>"); the rule is kept so a recycled id never
+# matches another rule. Rules are few (config, plans, keys' own), quota rules per period.
+_parts: dict[int, tuple[LimitRule, str, str]] = {}
+
+
+def _rule_parts(rule: LimitRule) -> tuple[LimitRule, str, str]:
+    if len(_parts) >= 4096:
+        _parts.clear()
+    parts = _parts[id(rule)] = (rule, _sf_string(rule.name), f";w={_seconds(rule.window_seconds)}")
+    return parts

@@ -67,6 +67,9 @@ class LimitCall:
     # quota only: when the billing period ends (epoch ms, wall clock); reset/retry count down to
     # it and the counter is kept until 40 days after it.
     period_end_ms: int = 0
+    # Units to reserve beyond `cost` if the request is admitted (see RESERVABLE); the store
+    # grants at most 1/GRANT_SHARE of what is left and reports the grant in CallResult.granted.
+    extra: int = 0
 
 
 # Built several times per request: not frozen, because a frozen dataclass pays
@@ -81,6 +84,14 @@ class CallResult:
     retry_ms: int  # until this call would admit (0 when allowed)
     stamp: int = 0  # window start the count went into (lets the cluster store refund exactly)
     used: int = 0  # quota only: units counted this period, overage included (0 otherwise)
+    granted: int = 0  # extra units reserved and consumed along with the request's cost
+
+
+#: Strategies whose units can be reserved ahead (counters; not logs, leases or anything exact
+#: per request). A grant never exceeds 1/GRANT_SHARE of what is left after the request, so
+#: instances reserving at once cannot drain a limit between them.
+RESERVABLE = frozenset({"fixed_window", "sliding_window", "token_bucket", "quota"})
+GRANT_SHARE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +135,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def charge(self, calls: Sequence[LimitCall]) -> None:
         """Consume each call's cost unconditionally (post-response debit); no deny."""
+
+    @abc.abstractmethod
+    async def refund(self, calls: Sequence[LimitCall], stamps: Sequence[int]) -> None:
+        """Give back each call's cost, consumed earlier in the window starting at its stamp
+        (reserved units not spent); a window that has ended is left alone."""
 
     @abc.abstractmethod
     async def release(self, calls: Sequence[LimitCall]) -> None:

@@ -86,6 +86,12 @@ class LocalStore(Store):
         self._counters.charge(calls, self._now_ms(), self._wall_ms())
         self._persist()
 
+    async def refund(self, calls: Sequence[LimitCall], stamps: Sequence[int]) -> None:
+        if not self._loaded:
+            await self._load()
+        self._counters.refund(calls, stamps, self._now_ms())
+        self._persist()
+
     async def release(self, calls: Sequence[LimitCall]) -> None:
         self._counters.release(calls)
 

@@ -300,6 +300,7 @@ class RedisStore(RedisRecords, Store):
             # One server, one slot: no splitting, so no partial commits to refund either.
             step = self._max_requests
             batches = [requests[i : i + step] for i in range(0, len(requests), step)]
+            batches = _reserve_last(batches)
             answers = await self._roundtrip(
                 self._limits, [encode(b, "acquire", now) for b in batches]
             )
@@ -318,9 +319,14 @@ class RedisStore(RedisRecords, Store):
         jobs: list[Job] = []
         layout: list[tuple[list[tuple[int, list[int]]], list[list[LimitCall]]]] = []
         for items in parts.values():
-            for start in range(0, len(items), self._max_requests):
-                chunk = items[start : start + self._max_requests]
-                sub = [[requests[ri][ci] for ci in idxs] for ri, idxs in chunk]
+            chunks = [
+                items[start : start + self._max_requests]
+                for start in range(0, len(items), self._max_requests)
+            ]
+            subs = _reserve_last(
+                [[[requests[ri][ci] for ci in idxs] for ri, idxs in chunk] for chunk in chunks]
+            )
+            for chunk, sub in zip(chunks, subs, strict=True):
                 jobs.append(encode(sub, "acquire", now))
                 layout.append((chunk, sub))
         replies = await self._roundtrip(self._limits, jobs)
@@ -348,7 +354,7 @@ class RedisStore(RedisRecords, Store):
         Only requests spread over several slots (cluster) can get here; see redis_cluster.py for
         why we consume-then-refund rather than check-then-consume.
         """
-        undo: dict[int, list[tuple[LimitCall, CallResult]]] = {}
+        undo: dict[int, tuple[list[LimitCall], list[int]]] = {}
         for ri, calls in enumerate(requests):
             if len(groups[ri]) < 2 or batch_admits(calls, out[ri]):
                 continue
@@ -359,10 +365,27 @@ class RedisStore(RedisRecords, Store):
                 for i in idxs:
                     c, r = calls[i], out[ri][i]
                     if consumed(c, r):
-                        undo.setdefault(self._slot(c.key), []).append((c, r))
-                        out[ri][i] = _refunded(c, r)
+                        # units reserved along with the request go back too
+                        back = dataclasses.replace(c, cost=c.cost + r.granted, extra=0)
+                        group = undo.setdefault(self._slot(c.key), ([], []))
+                        group[0].append(back)
+                        group[1].append(r.stamp)
+                        out[ri][i] = _refunded(back, r)
         if undo:
-            await self._roundtrip(self._limits, [encode_refund(u, now) for u in undo.values()])
+            jobs = [encode_refund(cs, stamps, now) for cs, stamps in undo.values()]
+            await self._roundtrip(self._limits, jobs)
+
+    async def refund(self, calls: Sequence[LimitCall], stamps: Sequence[int]) -> None:
+        by_slot: dict[int, tuple[list[LimitCall], list[int]]] = {}
+        for c, stamp in zip(calls, stamps, strict=True):
+            if c.cost > 0 and c.strategy != "concurrency":
+                group = by_slot.setdefault(self._slot(c.key), ([], []))
+                group[0].append(c)
+                group[1].append(stamp)
+        now = self._now_ms()
+        jobs = [encode_refund(cs, st, now) for cs, st in by_slot.values()]
+        if jobs:
+            await self._guarded(lambda: self._roundtrip(self._limits, jobs), self._timeout)
 
     async def _write(self, calls: Sequence[LimitCall], mode: str) -> None:
         by_slot: dict[int, list[LimitCall]] = {}
@@ -410,13 +433,31 @@ class RedisStore(RedisRecords, Store):
         return await self._guarded(op, self._records_timeout)
 
 
+def _reserve_last(batches: list[list[list[LimitCall]]]) -> list[list[list[LimitCall]]]:
+    """Only the last script call of a flush may reserve units (`extra`).
+
+    limits.lua grants reservations from what all requests of one script call left over; a
+    flush split into several calls must not let an early call reserve units that a request
+    in a later call of the same flush then finds missing.
+    """
+    if len(batches) < 2:
+        return batches
+    head = [
+        [[dataclasses.replace(c, extra=0) if c.extra else c for c in calls] for calls in batch]
+        for batch in batches[:-1]
+    ]
+    return [*head, batches[-1]]
+
+
 def _holds_lease(call: LimitCall, result: CallResult) -> bool:
     return call.strategy == "concurrency" and result.allowed and call.cost > 0
 
 
 def _refunded(call: LimitCall, result: CallResult) -> CallResult:
-    """The result as it stands once the refund gave the call's cost back."""
+    """The result as it stands once the refund gave the call's cost (and grant) back."""
     if call.strategy == "quota":
         used = max(0, result.used - call.cost)
-        return dataclasses.replace(result, used=used, remaining=max(0, call.limit - used))
-    return dataclasses.replace(result, remaining=min(call.burst, result.remaining + call.cost))
+        remaining = max(0, call.limit - used)
+        return dataclasses.replace(result, used=used, remaining=remaining, granted=0)
+    remaining = min(call.burst, result.remaining + call.cost)
+    return dataclasses.replace(result, remaining=remaining, granted=0)

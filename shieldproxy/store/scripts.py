@@ -9,7 +9,7 @@ from importlib import resources
 
 from shieldproxy.store.base import CallResult, LimitCall, StoreMisuse
 
-_FIELDS = 6  # integers per call in an "acquire" reply, see limits.lua
+_FIELDS = 7  # integers per call in an "acquire" reply, see limits.lua
 
 # Per-rule constant head of a call record (strategy, limit, window, burst, shadow, period end),
 # cached as text: a proxy has few rules, so this stays small; cleared if it ever grows.
@@ -51,7 +51,8 @@ def _pack(calls: Sequence[LimitCall], stamps: Sequence[int] | None = None) -> by
         if head is None:
             head = _new_head(c)
         token = c.token
-        parts.append(f"{head}{c.cost},{0 if stamps is None else stamps[i]},{len(token)}:{token}")
+        stamp = 0 if stamps is None else stamps[i]
+        parts.append(f"{head}{c.cost},{stamp},{c.extra},{len(token)}:{token}")
     text = "".join(parts)
     data = text.encode()
     if len(data) == len(text):
@@ -62,7 +63,7 @@ def _pack(calls: Sequence[LimitCall], stamps: Sequence[int] | None = None) -> by
         token_bytes = c.token.encode()
         stamp = 0 if stamps is None else stamps[i]
         head = _new_head(c)
-        out.append(f"{head}{c.cost},{stamp},{len(token_bytes)}:".encode() + token_bytes)
+        out.append(f"{head}{c.cost},{stamp},{c.extra},{len(token_bytes)}:".encode() + token_bytes)
     return b"".join(out)
 
 
@@ -81,15 +82,11 @@ def encode(
 
 
 def encode_refund(
-    calls: Sequence[tuple[LimitCall, CallResult]], now_ms: int | None
+    calls: Sequence[LimitCall], stamps: Sequence[int], now_ms: int | None
 ) -> tuple[list[bytes], list[bytes]]:
-    """KEYS and ARGV undoing earlier acquires; the stamp tells the script which window to fix."""
-    keys = [c.key.encode() for c, _ in calls]
-    args = [
-        b"" if now_ms is None else b"%d" % now_ms,
-        b"refund",
-        _pack([c for c, _ in calls], [r.stamp for _, r in calls]),
-    ]
+    """KEYS and ARGV giving back each call's cost; its stamp tells the script which window."""
+    keys = [c.key.encode() for c in calls]
+    args = [b"" if now_ms is None else b"%d" % now_ms, b"refund", _pack(calls, stamps)]
     return keys, args
 
 
@@ -98,10 +95,10 @@ def decode(reply: object, requests: Sequence[Sequence[LimitCall]]) -> list[list[
     if not isinstance(reply, list) or len(reply) != _FIELDS * sum(len(r) for r in requests):
         raise StoreMisuse(f"unexpected limits.lua reply: {reply!r:.200}")
     it = iter(reply)
-    fields = zip(it, it, it, it, it, it, strict=True)  # _FIELDS per call
+    fields = zip(it, it, it, it, it, it, it, strict=True)  # _FIELDS per call
     rows = [
-        CallResult(a == 1, rem, reset, retry, stamp, used)
-        for a, rem, reset, retry, stamp, used in fields
+        CallResult(a == 1, rem, reset, retry, stamp, used, granted)
+        for a, rem, reset, retry, stamp, used, granted in fields
     ]
     out: list[list[CallResult]] = []
     i = 0

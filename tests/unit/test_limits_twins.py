@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,11 @@ def test_memory_is_bounded_and_swept() -> None:
 @dataclass(frozen=True)
 class Op:
     advance_ms: int
-    kind: str  # acquire | charge | release
+    kind: str  # acquire | charge | release | refund
     rules: tuple[int, ...]
     cost: int
     subject: int
+    extra: int  # units asked to reserve beyond cost (granted only from limits >= 16)
 
 
 STRATEGIES = [
@@ -104,9 +106,9 @@ rule_st = st.builds(
         f"r{s}{n}{w}{b}{shadow}{end}", "ip", s, n, w, b, shadow, period_end=end
     ),
     st.sampled_from(STRATEGIES),
-    st.integers(1, 5),
+    st.one_of(st.integers(1, 5), st.sampled_from([20, 50])),
     st.sampled_from([1.0, 1.5, 2.0, 3.0]),
-    st.one_of(st.none(), st.integers(1, 8)),
+    st.one_of(st.none(), st.integers(1, 8), st.just(40)),
     st.booleans(),
     # a quota period ending inside the run, or far away
     st.sampled_from([T0 / 1000 + 20, T0 / 1000 + 86_400 * 30]),
@@ -114,10 +116,11 @@ rule_st = st.builds(
 op_st = st.builds(
     Op,
     st.one_of(st.just(0), st.integers(0, 400), st.integers(0, 3500)),
-    st.sampled_from(["acquire"] * 6 + ["charge", "release"]),
+    st.sampled_from(["acquire"] * 6 + ["charge", "release", "refund"]),
     st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).map(tuple),
     st.integers(0, 3),
     st.integers(0, 1),
+    st.one_of(st.just(0), st.integers(0, 8)),
 )
 
 
@@ -143,6 +146,7 @@ async def _agree(url: str, tmp_path: Path, rules: list[LimitRule], ops: list[Op]
     raw = aioredis.Redis.from_url(url)
     await raw.flushall()
     held: list[list[LimitCall]] = []
+    reserved: list[tuple[LimitCall, int]] = []  # granted units, to give back, with their stamp
     try:
         for n, op in enumerate(ops):
             now[0] += op.advance_ms
@@ -157,6 +161,7 @@ async def _agree(url: str, tmp_path: Path, rules: list[LimitRule], ops: list[Op]
                     rules[i].shadow,
                     f"tok{n}",
                     round(rules[i].period_end * 1000),
+                    op.extra,
                 )
                 for i in op.rules
             ]
@@ -166,6 +171,16 @@ async def _agree(url: str, tmp_path: Path, rules: list[LimitRule], ops: list[Op]
                 assert got == expected, (n, op, calls)
                 if all(r.allowed or c.shadow for c, r in zip(calls, got, strict=True)):
                     held.append([c for c, r in zip(calls, got, strict=True) if r.allowed])
+                    reserved += [
+                        (dataclasses.replace(c, cost=r.granted, extra=0), r.stamp)
+                        for c, r in zip(calls, got, strict=True)
+                        if r.granted
+                    ]
+            elif op.kind == "refund":
+                if reserved:
+                    c, stamp = reserved.pop(0)
+                    twin.refund([c], [stamp], now[0])
+                    await store.refund([c], [stamp])
             elif op.kind == "charge":
                 twin.charge(calls, now[0])
                 await store.charge(calls)

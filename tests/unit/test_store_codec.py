@@ -22,24 +22,24 @@ def lc(strategy: str, token: str, *, key: str = "k", cost: int = 1) -> LimitCall
 
 
 def test_encode_packs_one_argv_string_per_request() -> None:
-    q = LimitCall("q", "quota", 10, 60_000, 10, 2, True, "t:1", T0)
+    q = LimitCall("q", "quota", 10, 60_000, 10, 2, True, "t:1", T0, extra=5)
     keys, args = encode([[lc("fixed_window", "t:1"), q], [lc("sliding_log", "é,:")]], "acquire", T0)
     assert keys == [b"k", b"q", b"k"]
     assert args == [
         b"%d" % T0,
         b"acquire",
-        b"fixed_window,3,1000,3,0,0,1,0,3:t:1quota,10,60000,10,1,%d,2,0,3:t:1" % T0,
-        "sliding_log,3,1000,3,0,0,1,0,4:é,:".encode(),
+        b"fixed_window,3,1000,3,0,0,1,0,0,3:t:1quota,10,60000,10,1,%d,2,0,5,3:t:1" % T0,
+        "sliding_log,3,1000,3,0,0,1,0,0,4:é,:".encode(),
     ]
-    _, refund = encode_refund([(lc("fixed_window", "x"), CallResult(True, 1, 5, 0, T0))], None)
-    assert refund == [b"", b"refund", b"fixed_window,3,1000,3,0,0,1,%d,1:x" % T0]
+    _, refund = encode_refund([lc("fixed_window", "x")], [T0], None)
+    assert refund == [b"", b"refund", b"fixed_window,3,1000,3,0,0,1,%d,0,1:x" % T0]
 
 
 def test_decode_splits_the_flat_reply_per_request() -> None:
     reqs = [[lc("fixed_window", "a"), lc("quota", "a")], [lc("token_bucket", "b")]]
-    flat = [1, 2, 3, 0, 4, 0, 0, 0, 9, 9, 0, 5, 1, 7, 8, 0, 0, 0]
+    flat = [1, 2, 3, 0, 4, 0, 6, 0, 0, 9, 9, 0, 5, 0, 1, 7, 8, 0, 0, 0, 0]
     assert decode(flat, reqs) == [
-        [CallResult(True, 2, 3, 0, 4, 0), CallResult(False, 0, 9, 9, 0, 5)],
+        [CallResult(True, 2, 3, 0, 4, 0, 6), CallResult(False, 0, 9, 9, 0, 5)],
         [CallResult(True, 7, 8, 0, 0, 0)],
     ]
 

@@ -11,6 +11,7 @@ import pytest
 
 from shieldproxy.limits import Hit, LimitRule, RateLimiter
 from shieldproxy.limits.keys import limit_key
+from shieldproxy.store.base import GRANT_SHARE
 from shieldproxy.store.local import LocalStore
 
 NOW = 1_700_000_040.0
@@ -45,22 +46,28 @@ async def test_quota_counter_survives_close_and_reopen(tmp_path: Path) -> None:
     await store.close()
 
 
+def _saved_count(path: Path, key: str) -> int | None:
+    with sqlite3.connect(path / "shieldproxy.db") as db:
+        row = db.execute("SELECT n FROM counters WHERE key = ?", (key,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 async def test_quota_is_on_disk_before_close(tmp_path: Path) -> None:
-    """What a kill -9 would find: the write-through lands without waiting for close()."""
+    """What a kill -9 would find: the write-through lands without waiting for close(). Units
+    reserved ahead and not spent yet are counted too (billing never loses a spent unit); close()
+    gives them back."""
     store, limiter = local(tmp_path)
     q = quota(100)
     await asyncio.gather(*(limiter.check([Hit(q, "k@P")]) for _ in range(50)))
     key = limit_key("sp:", q, "k@P")
     deadline = time.monotonic() + 2
-    while True:
-        with sqlite3.connect(tmp_path / "shieldproxy.db") as db:
-            row = db.execute("SELECT n FROM counters WHERE key = ?", (key,)).fetchone()
-        if row == (50,):
-            break
-        assert time.monotonic() < deadline, f"not written through: {row}"
+    while (n := _saved_count(tmp_path, key)) is None or n < 50:
+        assert time.monotonic() < deadline, f"not written through: {n}"
         await asyncio.sleep(0.01)
+    assert n <= 50 + 100 // GRANT_SHARE  # at most one grant held
     await limiter.close()
     await store.close()
+    assert _saved_count(tmp_path, key) == 50
 
 
 @pytest.mark.parametrize(("days_later", "kept"), [(39, True), (41, False)])

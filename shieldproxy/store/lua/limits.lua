@@ -14,18 +14,26 @@
 -- ARGV[3..]: one string per request (the number of requests is #ARGV - 2), holding that
 --   request's calls back to back, in KEYS order, each as one record (built by
 --   shieldproxy/store/scripts.py; numbers are decimal text):
---     strategy,limit,window,burst,shadow,period_end,cost,stamp,size:token
+--     strategy,limit,window,burst,shadow,period_end,cost,stamp,extra,size:token
 --   strategy name; limit (count); window (ms); burst (count); shadow ("1" | "0");
 --   period end (quota only: absolute epoch ms, wall clock, when the billing period ends; else
---   "0"); cost (count); stamp (window start in ms, refund only, else "0"); size (bytes of the
---   token that follows); token (unique per request: names log entries and leases; any bytes).
---   The first six fields are per-rule constants, so the client caches them as one fragment.
---   Example: "fixed_window,100,60000,100,0,0,1,0,6:ab12:7token_bucket,5,1000,10,0,0,1,0,6:ab12:7"
---   (two calls).
+--   "0"); cost (count); stamp (window start in ms, refund only, else "0"); extra (units the
+--   caller would like to reserve beyond cost, see "Reservations" below; else "0"); size (bytes
+--   of the token that follows); token (unique per request: names log entries and leases; any
+--   bytes). The first six fields are per-rule constants, so the client caches them as one
+--   fragment. Example (two calls):
+--   "fixed_window,100,60000,100,0,0,1,0,0,6:ab12:7token_bucket,5,1000,10,0,0,1,0,0,6:ab12:7"
+-- Reservations: when a request is admitted, each fixed_window, sliding_window, token_bucket or
+--   quota call is also granted up to `extra` more units, never more than 1/GRANT_SHARE of what
+--   is left once every request of this call was applied, and those units are consumed. The proxy spends them on
+--   later requests without a round trip and gives back what it did not spend ("refund").
+--   Reserved units are always counted first, so reservations can under-admit for a moment but
+--   never over-admit.
 -- Returns: "acquire": a flat array with 6 integers per call in KEYS order: allowed (1|0),
 --   remaining (count), reset (ms, rounded up), retry (ms until it would admit, 0 if allowed),
 --   stamp (window start in ms for fixed/sliding window, else 0), used (quota: units counted
---   this period, overage included; else 0). Other modes: an empty array.
+--   this period, overage included; else 0), granted (extra units reserved and consumed, 0 when
+--   denied). Other modes: an empty array.
 
 local override = ARGV[1]
 local mode = ARGV[2]
@@ -246,9 +254,30 @@ refund.quota = function(c)
   end
 end
 
--- One call record: 8 comma-terminated fields, then the token's size in bytes, ':' and the token
+-- Reservations (see the header): how many of the `extra` units asked for a call can be granted
+-- on top of its cost, given the evaluation `st` of an admitted request. Others get none.
+local GRANT_SHARE = 16
+local available = {}
+available.fixed_window = function(c, st) return c.limit - st.n - c.cost end
+available.sliding_window = function(c, st) return c.limit - st.weighted - c.cost end
+available.quota = function(c, st) return c.limit - st.used - c.cost end
+available.token_bucket = function(c, st)
+  local I = c.window / c.limit
+  return math.floor((c.burst * I - (st.new - now)) / I + 1e-9)
+end
+-- `st` evaluates c with cost 0, after every request of the call was applied.
+local function grant(c, st)
+  local avail = available[c.strategy]
+  if not st.ok then return 0 end
+  local g = math.min(c.extra, math.floor(avail(c, st) / GRANT_SHARE))
+  if g <= 0 then return 0 end
+  if c.strategy == 'token_bucket' then st.new = st.new + g * (c.window / c.limit) end
+  return g
+end
+
+-- One call record: 9 comma-terminated fields, then the token's size in bytes, ':' and the token
 -- itself (any bytes, so it is sized rather than delimited).
-local RECORD = '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),(%d+):'
+local RECORD = '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),(%d+):'
 local find, sub = string.find, string.sub
 
 -- Parse every request before touching any key: a malformed record fails the whole call cleanly.
@@ -258,7 +287,7 @@ for ri = 3, #ARGV do
   local packed = ARGV[ri]
   local calls, pos = {}, 1
   while pos <= #packed do
-    local _, e, strategy, limit, window, burst, shadow, period_end, cost, stamp, size =
+    local _, e, strategy, limit, window, burst, shadow, period_end, cost, stamp, extra, size =
       find(packed, RECORD, pos)
     if not e then return redis.error_reply('limits.lua: malformed call record') end
     local tend = e + tonumber(size)
@@ -266,7 +295,7 @@ for ri = 3, #ARGV do
       key = KEYS[ki], strategy = strategy, limit = tonumber(limit), window = tonumber(window),
       burst = tonumber(burst), cost = tonumber(cost), shadow = shadow == '1',
       token = sub(packed, e + 1, tend), stamp = tonumber(stamp),
-      period_end = tonumber(period_end),
+      period_end = tonumber(period_end), extra = tonumber(extra),
     }
     ki, pos = ki + 1, tend + 1
   end
@@ -274,7 +303,7 @@ for ri = 3, #ARGV do
 end
 if ki - 1 ~= #KEYS then return redis.error_reply('limits.lua: KEYS and records disagree') end
 
-local out = {}
+local out, reserving = {}, {}
 for _, calls in ipairs(requests) do
   local ncalls = #calls
   local sts = {}
@@ -306,7 +335,12 @@ for _, calls in ipairs(requests) do
       local c, st = calls[j], sts[j]
       -- a shadow quota (overage allowed) counts past its limit: overage is billed
       local counts = st.ok or (c.shadow and c.strategy == 'quota')
-      if admit and counts and c.cost > 0 then commit[c.strategy](c, st) end
+      if admit and counts and c.cost > 0 then
+        commit[c.strategy](c, st)
+        if c.extra > 0 and st.ok and available[c.strategy] then
+          reserving[#reserving + 1] = {c = c, at = #out}
+        end
+      end
       local allowed = 0
       if st.ok then allowed = 1 end
       out[#out + 1] = allowed
@@ -315,7 +349,24 @@ for _, calls in ipairs(requests) do
       out[#out + 1] = st.retry
       out[#out + 1] = st.stamp
       out[#out + 1] = st.used or 0
+      out[#out + 1] = 0  -- granted, see below
     end
+  end
+end
+
+-- Reservations are granted last, from what every request of this call left over: a request
+-- later in the same call must never be denied for units reserved by an earlier one.
+for _, r in ipairs(reserving) do
+  local c = r.c
+  c.cost = 0
+  local st = eval[c.strategy](c)
+  local g = grant(c, st)
+  if g > 0 then
+    c.cost = g
+    commit[c.strategy](c, st)
+    out[r.at + 2] = st.rem
+    out[r.at + 6] = st.used or 0
+    out[r.at + 7] = g
   end
 end
 return out

@@ -1,0 +1,194 @@
+"""Units reserved ahead from the store and spent locally: a busy subject costs no round trip
+per request, yet the store still counts every unit before it is spent.
+
+Why: one store call per request costs tens of microseconds of Python even when coalesced
+(building the call, a future, a loop wake-up, decoding), more than the rest of a proxied
+request. Envoy and Kong answer that by counting locally and syncing later, which over-admits
+between syncs. Here the order is reversed: when a subject is busy, the store call that admits a
+request also consumes up to `rate x horizon` more units (never more than 1/GRANT_SHARE of what is
+left, see limits.lua), and this instance spends them on the subject's next requests without
+asking. Units are consumed in the store before they are spent, so a limit is never exceeded;
+what an instance still holds when its reservation expires (after `horizon`, or at the end of
+the window) goes back to the store ("refund"). The price is a short-lived under-admission: units
+one instance holds are not available to another for up to `horizon`.
+
+Only counters can be reserved (RESERVABLE): sliding_log stays exact per request by contract,
+concurrency slots belong to one request each. A subject seen for the first time, or at a rate
+below one unit per horizon, is never reserved for: quiet subjects keep exact per-request answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shieldproxy.limits.model import Hit
+from shieldproxy.store.base import RESERVABLE, CallResult, LimitCall
+
+# A rate estimate older than this starts over: a subject idle for a while is not busy.
+_RATE_WINDOW_S = 1.0
+# Rates are measured over at least this long, so two requests a microsecond apart do not
+# look like a million per second.
+_MIN_ELAPSED_S = 0.005
+# Ends of windows the reservation cannot outlive (their counts belong to that window).
+_WINDOWED = frozenset({"fixed_window", "sliding_window", "quota"})
+
+GiveBack = tuple[LimitCall, int]  # (call whose cost is the units to return, window stamp)
+
+
+@dataclass(slots=True, eq=False)
+class Reserve:
+    """What this instance holds for one limiter key."""
+
+    call: LimitCall | None = None  # the call that was granted (key, strategy, numbers)
+    left: int = 0  # reserved units not spent yet
+    base: int = 0  # remaining in the store after the grant, reserved units excluded
+    used: int = 0  # quota only: the store's count after the grant (reserved units included)
+    stamp: int = 0  # window the units were counted in (for the refund)
+    reset_at: float = 0.0  # limiter clock: when the store's window or period resets
+    valid_until: float = 0.0  # limiter clock: spend before this, then give back
+    demand: int = 0  # units this instance was asked for since `since` (rate estimate)
+    since: float = 0.0
+    asking: bool = False  # a store call asking for more is in flight
+
+
+class Reservations:
+    """Per-key reserves of one limiter. Single-threaded (one event loop), no awaits inside."""
+
+    def __init__(self, *, horizon_seconds: float, max_units: int, max_entries: int) -> None:
+        self._horizon = horizon_seconds
+        self._max_units = max_units
+        self._max_entries = max_entries
+        self._entries: dict[str, Reserve] = {}
+        self._expiry: list[tuple[float, int, Reserve]] = []  # heap by valid_until
+        self._seq = itertools.count()
+        self._owed: list[GiveBack] = []  # leftovers replaced or evicted, to give back
+        self.spent = 0  # units spent without a store call (for metrics and tests)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def held(self, key: str, now: float) -> int:
+        """Units reserved for `key` and not spent yet."""
+        r = self._entries.get(key)
+        return r.left if r is not None and now < r.valid_until else 0
+
+    def take(self, hits: Sequence[Hit], keys: Sequence[str], now: float) -> list[Reserve] | None:
+        """Spend reserved units for every hit, or touch nothing and return None."""
+        entries = self._entries
+        found: list[Reserve] = []
+        for h, k in zip(hits, keys, strict=True):
+            r = entries.get(k)
+            if r is None or h.cost < 1 or r.left < h.cost or now >= r.valid_until:
+                return None
+            found.append(r)
+        for h, r in zip(hits, found, strict=True):
+            r.left -= h.cost
+            r.demand += h.cost
+            self.spent += h.cost
+        return found
+
+    def wants(self, hits: Sequence[Hit], keys: Sequence[str], now: float) -> list[int]:
+        """Units to ask for beyond each hit's cost in the store call about to be made."""
+        out: list[int] = []
+        for h, k in zip(hits, keys, strict=True):
+            if h.cost < 1 or h.rule.strategy not in RESERVABLE:
+                out.append(0)
+                continue
+            r = self._entries.get(k)
+            if r is None:
+                # First sighting: nothing is known about its rate yet.
+                self._entries[k] = Reserve(demand=h.cost, since=now)
+                if len(self._entries) > self._max_entries:
+                    self._evict()
+                out.append(0)
+                continue
+            if now - r.since > _RATE_WINDOW_S:
+                r.since, r.demand = now, 0
+            r.demand += h.cost
+            covered = r.left >= h.cost and now < r.valid_until - self._horizon / 2
+            if r.asking or covered:
+                out.append(0)
+                continue
+            elapsed = max(now - r.since, _MIN_ELAPSED_S)
+            want = min(int(r.demand / elapsed * self._horizon), self._max_units)
+            if want > 0:
+                r.asking = True
+                r.since, r.demand = now, 0
+            out.append(want)
+        return out
+
+    def settle(
+        self,
+        keys: Sequence[str],
+        calls: Sequence[LimitCall],
+        results: Sequence[CallResult] | None,
+        now: float,
+    ) -> None:
+        """Record what the store granted (results None: the call failed, nothing granted)."""
+        for i, (k, c) in enumerate(zip(keys, calls, strict=True)):
+            if c.extra <= 0:
+                continue
+            r = self._entries.get(k)
+            if r is None:
+                continue  # evicted meanwhile; a grant below is then given back
+            r.asking = False
+            if results is None:
+                continue
+            res = results[i]
+            if res.granted <= 0:
+                continue
+            if r.left > 0 and (r.stamp != res.stamp or now >= r.valid_until):
+                self._owe(r, now=now)
+            r.call = c
+            r.left += res.granted
+            r.base = max(0, res.remaining)
+            r.used = res.used
+            r.stamp = res.stamp
+            r.reset_at = now + max(0, res.reset_ms) / 1000
+            valid = now + self._horizon
+            if c.strategy in _WINDOWED and r.reset_at < valid:
+                valid = r.reset_at
+            r.valid_until = valid
+            heapq.heappush(self._expiry, (valid, next(self._seq), r))
+        for k, c, res in zip(keys, calls, results or (), strict=False):
+            if c.extra > 0 and res.granted > 0 and k not in self._entries:
+                self._owed.append((dataclasses.replace(c, cost=res.granted, extra=0), res.stamp))
+
+    def expired(self, now: float) -> list[GiveBack]:
+        """Leftovers of reservations that ended: the units to give back to the store."""
+        out, self._owed = self._owed, []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, _, r = heapq.heappop(heap)
+            if r.valid_until <= now and r.left > 0:
+                self._owe(r, out, now)
+        return out
+
+    def drain(self) -> list[GiveBack]:
+        """Everything held, for shutdown."""
+        out, self._owed = self._owed, []
+        for r in self._entries.values():
+            if r.left > 0:
+                self._owe(r, out)
+        self._expiry.clear()
+        return out
+
+    def _owe(self, r: Reserve, into: list[GiveBack] | None = None, now: float = 0.0) -> None:
+        assert r.call is not None  # left > 0 only after a grant
+        left, r.left = r.left, 0
+        if r.call.strategy == "fixed_window" and now >= r.reset_at:
+            return  # that window has ended and its count with it: nothing to give back
+        (self._owed if into is None else into).append(
+            (dataclasses.replace(r.call, cost=left, extra=0), r.stamp)
+        )
+
+    def _evict(self) -> None:
+        # Oldest first; what it held goes back to the store.
+        key = next(iter(self._entries))
+        r = self._entries.pop(key)
+        if r.left > 0:
+            self._owe(r)
