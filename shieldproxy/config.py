@@ -169,6 +169,9 @@ class RateLimitsConfig(Section):
         "admit from it without a round trip (never over-admits; unspent units go back); 0 = ask "
         "the store for every request",
     )
+    reserve_min_limit: int = Field(
+        1000, ge=1, description="limits below this many requests per window are never reserved"
+    )
 
 
 class AuthConfig(Section):

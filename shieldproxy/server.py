@@ -121,7 +121,9 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
         log.error("store: %s", exc)
         return EXIT_FATAL
     settings = LimiterSettings(
-        prefix=config.store.prefix, reserve_seconds=config.rate_limits.reserve_seconds
+        prefix=config.store.prefix,
+        reserve_seconds=config.rate_limits.reserve_seconds,
+        reserve_min_limit=config.rate_limits.reserve_min_limit,
     )
     limiter = RateLimiter(store, settings=settings)
     await limiter.start()

@@ -151,8 +151,9 @@ class MemoryCounters:
         reserving: list[tuple[int, LimitCall, _Entry]] = []
         for i, (c, e, ev) in enumerate(zip(calls, entries, evals, strict=True)):
             # a shadow quota (overage allowed) counts past its limit: overage is billed
-            if admit and (ev.ok or (c.shadow and c.strategy == "quota")) and c.cost > 0:
-                self._commit(c, e, ev, now, wall, cost=c.cost)
+            if admit and (ev.ok or (c.shadow and c.strategy == "quota")):
+                if c.cost > 0:
+                    self._commit(c, e, ev, now, wall, cost=c.cost)
                 if c.extra > 0 and ev.ok and c.strategy in RESERVABLE:
                     reserving.append((i, c, e))
         # Granted last, from what the whole request left over (limits.lua does it per call).
@@ -163,6 +164,8 @@ class MemoryCounters:
             if granted:
                 self._commit(free, e, ev, now, wall, cost=granted)
                 evals[i].rem, evals[i].used, evals[i].granted = ev.rem, ev.used, granted
+                if c.strategy == "token_bucket":
+                    evals[i].stamp = math.floor(ev.new)
         return [
             CallResult(ev.ok, ev.rem, ev.reset, ev.retry, ev.stamp, ev.used, ev.granted)
             for ev in evals
@@ -192,7 +195,13 @@ class MemoryCounters:
                     e.p = max(0, e.p - c.cost)
             elif c.strategy == "token_bucket":
                 if e.expires_ms > 0:
-                    e.tat -= c.cost * (c.window_ms / c.limit)
+                    interval = c.window_ms / c.limit
+                    units = c.cost
+                    if stamp > 0:
+                        # reserved units: the bucket refills past `stamp` by itself
+                        units = min(units, max(0, math.floor((stamp - now) / interval)))
+                    if units > 0:
+                        e.tat = e.tat - units * interval
             elif c.strategy in ("sliding_log", "concurrency"):
                 gone = {f"{c.token}:{i}" for i in range(1, c.cost + 1)}
                 e.zset = [item for item in e.zset if item[1] not in gone]

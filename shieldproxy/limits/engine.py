@@ -21,6 +21,7 @@ from shieldproxy.limits.model import Hit, LimitRule, Strategy
 from shieldproxy.limits.reserve import GiveBack, Reservations, Reserve
 from shieldproxy.store.base import (
     CallResult,
+    CircuitOpen,
     LimitCall,
     Store,
     StoreError,
@@ -48,6 +49,7 @@ class LimiterSettings:
     reserve_seconds: float = 0.05
     reserve_max_units: int = 10_000  # per key and grant
     reserve_max_entries: int = 100_000
+    reserve_min_limit: int = 1000  # smaller limits stay exact per request
 
 
 # Built several times per request: not frozen, because a frozen dataclass pays
@@ -138,6 +140,7 @@ class RateLimiter:
                 horizon_seconds=settings.reserve_seconds,
                 max_units=settings.reserve_max_units,
                 max_entries=settings.reserve_max_entries,
+                min_limit=settings.reserve_min_limit,
             )
             if settings.reserve_seconds > 0
             else None
@@ -246,6 +249,15 @@ class RateLimiter:
         if self._backlog:
             self._owed_to_store()
         verdict = self._verdict(hits, calls, results, token, degraded=False)
+        if not verdict.allowed and reserves is not None:
+            # Units this instance reserved (perhaps in this very reply, for a request that was
+            # ahead of this one) are counted already: spending them here rather than denying
+            # keeps a burst from ending with units held that no later request comes to spend.
+            taken = reserves.take(hits, keys_, now)
+            if taken is not None:
+                self.stats.denied -= 1
+                self.stats.reserved += 1
+                verdict = _reserved_verdict(hits, taken, now)
         for h, c, r in zip(hits, calls, results, strict=True):
             # A quota denial is cached until the period ends: only a new period (a new key) or
             # a larger plan (a new cache key, see _cache_key) can admit before that.
@@ -363,7 +375,7 @@ class RateLimiter:
                 reset_seconds=max(0, r.reset_ms) / 1000,
                 allowed=r.allowed,
                 shadow_denied=h.rule.shadow and not r.allowed,
-                used=r.used - r.granted,
+                used=r.used - r.granted if c.strategy == "quota" else r.used,
             )
             for h, c, r in zip(hits, calls, results, strict=True)
         )
@@ -508,19 +520,29 @@ class RateLimiter:
 
     async def _give_back_loop(self) -> None:
         assert self._reserves is not None
+        # Twice per reservation length: unspent units are back at most 1.5 x that after the grant.
+        pause = self._settings.reserve_seconds / 2
         while not self._closing:
-            await asyncio.sleep(self._settings.reserve_seconds)
-            owed = self._reserves.expired(self._clock())
-            if owed:
-                await self._give_back(owed)
+            await asyncio.sleep(pause)
+            try:
+                await self._give_back(self._reserves.expired(self._clock()))
+            except Exception:  # a bug here must not end the loop and let leftovers pile up
+                log.exception("giving back reserved limit units failed")
 
     async def _give_back(self, owed: list[GiveBack]) -> None:
         if not owed:
             return
         try:
             await self._store.refund([c for c, _ in owed], [stamp for _, stamp in owed])
+        except CircuitOpen:
+            # Not even attempted: try again on the next round (quota units are billing data).
+            assert self._reserves is not None
+            self._reserves.owe_again(owed)
+            return
         except StoreError as exc:
-            # Those units stay counted until their window ends: strict, never over-admitting.
+            # Outcome unknown (it may have run): never repeated, since giving back twice would
+            # over-admit. Those units stay counted: until their window ends for rate limits,
+            # for good for a quota (over-counted by at most one reservation).
             self.stats.give_back_errors += 1
             log.warning("could not give back %d reserved limit counters: %s", len(owed), exc)
             return
@@ -542,7 +564,7 @@ def _reserved_verdict(hits: Sequence[Hit], taken: Sequence[Reserve], now: float)
             max(0.0, r.reset_at - now),
             True,
             False,
-            r.used - r.left,
+            r.used - r.left if h.rule.strategy == "quota" else 0,
         )
         for h, r in zip(hits, taken, strict=True)
     )

@@ -9,12 +9,18 @@ request also consumes up to `rate x horizon` more units (never more than 1/GRANT
 left, see limits.lua), and this instance spends them on the subject's next requests without
 asking. Units are consumed in the store before they are spent, so a limit is never exceeded;
 what an instance still holds when its reservation expires (after `horizon`, or at the end of
-the window) goes back to the store ("refund"). The price is a short-lived under-admission: units
-one instance holds are not available to another for up to `horizon`.
+the window) goes back to the store ("refund", within half a horizon more). The price is an
+under-admission: units one instance holds are not available to another until they are spent or
+given back, and an instance denied meanwhile caches that denial (see cache.py) until the window
+ends. Both are bounded by the grant size, at most 1/GRANT_SHARE of what was left per instance.
 
 Only counters can be reserved (RESERVABLE): sliding_log stays exact per request by contract,
-concurrency slots belong to one request each. A subject seen for the first time, or at a rate
-below one unit per horizon, is never reserved for: quiet subjects keep exact per-request answers.
+concurrency slots belong to one request each; a request with any such limit goes to the store
+whole, and reserves nothing. A subject seen for the first time (or again after a quiet second),
+or at a rate below one unit per horizon, is never reserved for: quiet subjects keep exact
+per-request answers. Nor are limits below `min_limit` (default 1,000 per window): they admit so
+few requests that a round trip each costs little, and there a unit held by the wrong instance
+at the end of a burst would be a visible share of the limit.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Reserve:
 
     call: LimitCall | None = None  # the call that was granted (key, strategy, numbers)
     left: int = 0  # reserved units not spent yet
+    limit: int = 0  # the limit they were granted under
     base: int = 0  # remaining in the store after the grant, reserved units excluded
     used: int = 0  # quota only: the store's count after the grant (reserved units included)
     stamp: int = 0  # window the units were counted in (for the refund)
@@ -58,8 +65,11 @@ class Reserve:
 class Reservations:
     """Per-key reserves of one limiter. Single-threaded (one event loop), no awaits inside."""
 
-    def __init__(self, *, horizon_seconds: float, max_units: int, max_entries: int) -> None:
+    def __init__(
+        self, *, horizon_seconds: float, max_units: int, max_entries: int, min_limit: int = 1
+    ) -> None:
         self._horizon = horizon_seconds
+        self._min_limit = min_limit
         self._max_units = max_units
         self._max_entries = max_entries
         self._entries: dict[str, Reserve] = {}
@@ -84,6 +94,8 @@ class Reservations:
             r = entries.get(k)
             if r is None or h.cost < 1 or r.left < h.cost or now >= r.valid_until:
                 return None
+            if r.limit != h.rule.requests:
+                return None  # granted under another limit (reload, plan change): not ours now
             found.append(r)
         for h, r in zip(hits, found, strict=True):
             r.left -= h.cost
@@ -93,21 +105,26 @@ class Reservations:
 
     def wants(self, hits: Sequence[Hit], keys: Sequence[str], now: float) -> list[int]:
         """Units to ask for beyond each hit's cost in the store call about to be made."""
+        floor = self._min_limit
+        if not all(
+            h.cost >= 1 and h.rule.strategy in RESERVABLE and h.rule.requests >= floor
+            for h in hits
+        ):
+            # Such requests can never be served from reserves (take() needs one for every
+            # hit), so reserving for their other limits would only hold units nobody spends.
+            return [0] * len(hits)
         out: list[int] = []
         for h, k in zip(hits, keys, strict=True):
-            if h.cost < 1 or h.rule.strategy not in RESERVABLE:
-                out.append(0)
-                continue
             r = self._entries.get(k)
-            if r is None:
-                # First sighting: nothing is known about its rate yet.
-                self._entries[k] = Reserve(demand=h.cost, since=now)
-                if len(self._entries) > self._max_entries:
-                    self._evict()
+            if r is None or now - r.since > _RATE_WINDOW_S:
+                # First sighting, or quiet for a while: nothing is known about its rate yet.
+                if r is None:
+                    r = self._entries[k] = Reserve()
+                    if len(self._entries) > self._max_entries:
+                        self._evict()
+                r.since, r.demand = now, h.cost
                 out.append(0)
                 continue
-            if now - r.since > _RATE_WINDOW_S:
-                r.since, r.demand = now, 0
             r.demand += h.cost
             covered = r.left >= h.cost and now < r.valid_until - self._horizon / 2
             if r.asking or covered:
@@ -143,7 +160,10 @@ class Reservations:
                 continue
             if r.left > 0 and (r.stamp != res.stamp or now >= r.valid_until):
                 self._owe(r, now=now)
+            if r.left > 0 and r.limit != c.limit:
+                self._owe(r, now=now)
             r.call = c
+            r.limit = c.limit
             r.left += res.granted
             r.base = max(0, res.remaining)
             r.used = res.used
@@ -167,6 +187,11 @@ class Reservations:
             if r.valid_until <= now and r.left > 0:
                 self._owe(r, out, now)
         return out
+
+    def owe_again(self, owed: Sequence[GiveBack]) -> None:
+        """Give-backs the store did not even attempt: retried with the next ones (bounded)."""
+        room = self._max_entries - len(self._owed)
+        self._owed.extend(owed[: max(0, room)])
 
     def drain(self) -> list[GiveBack]:
         """Everything held, for shutdown."""

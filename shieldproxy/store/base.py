@@ -138,8 +138,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def refund(self, calls: Sequence[LimitCall], stamps: Sequence[int]) -> None:
-        """Give back each call's cost, consumed earlier in the window starting at its stamp
-        (reserved units not spent); a window that has ended is left alone."""
+        """Give back each call's cost, consumed earlier (reserved units not spent, or a cluster
+        request denied on another shard). The stamp says where it was counted: a fixed window
+        that has ended is left alone, a sliding window's previous one is reduced, a token bucket
+        gets back only what time has not refilled since the stamp (0 = everything)."""
 
     @abc.abstractmethod
     async def release(self, calls: Sequence[LimitCall]) -> None:

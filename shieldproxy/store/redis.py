@@ -149,14 +149,16 @@ class RedisStore(RedisRecords, Store):
     def _now_ms(self) -> int | None:
         return None if self._clock_override is None else math.floor(self._clock_override() * 1000)
 
-    async def _guarded(self, op: Callable[[], Awaitable[T]], budget: float) -> T:
+    async def _guarded(
+        self, op: Callable[[], Awaitable[T]], budget: float, *, retry: bool = True
+    ) -> T:
         self._breaker.before_call()
         try:
             async with asyncio.timeout(budget):
                 try:
                     result = await op()
                 except rex.ConnectionError as exc:
-                    if isinstance(exc, rex.BusyLoadingError | rex.MaxConnectionsError):
+                    if not retry or isinstance(exc, rex.BusyLoadingError | rex.MaxConnectionsError):
                         raise
                     # Pooled connections die silently when Redis restarts; the first use then
                     # fails before the command ran. One immediate retry on a fresh connection,
@@ -369,7 +371,9 @@ class RedisStore(RedisRecords, Store):
                         back = dataclasses.replace(c, cost=c.cost + r.granted, extra=0)
                         group = undo.setdefault(self._slot(c.key), ([], []))
                         group[0].append(back)
-                        group[1].append(r.stamp)
+                        # a token_bucket stamp would limit the refund to what time has not
+                        # refilled: this one undoes the consumption of this very flush in full
+                        group[1].append(0 if c.strategy == "token_bucket" else r.stamp)
                         out[ri][i] = _refunded(back, r)
         if undo:
             jobs = [encode_refund(cs, stamps, now) for cs, stamps in undo.values()]
@@ -385,7 +389,11 @@ class RedisStore(RedisRecords, Store):
         now = self._now_ms()
         jobs = [encode_refund(cs, st, now) for cs, st in by_slot.values()]
         if jobs:
-            await self._guarded(lambda: self._roundtrip(self._limits, jobs), self._timeout)
+            # Never retried: a refund whose reply was lost may have run, and running it twice
+            # would give back units nobody reserved.
+            await self._guarded(
+                lambda: self._roundtrip(self._limits, jobs), self._timeout, retry=False
+            )
 
     async def _write(self, calls: Sequence[LimitCall], mode: str) -> None:
         by_slot: dict[int, list[LimitCall]] = {}

@@ -81,7 +81,8 @@ async def test_two_instances_never_admit_more_than_the_limit(
     redis_url: str, tmp_path: Path
 ) -> None:
     stores = [open_roomy(redis_url, tmp_path / str(i)) for i in range(2)]
-    limiters = [RateLimiter(s) for s in stores]
+    settings = LimiterSettings(reserve_min_limit=100)
+    limiters = [RateLimiter(s, settings=settings) for s in stores]
     r = window_rule("shared", 300)
     admitted = 0
     for round_ in range(40):
@@ -154,4 +155,16 @@ async def test_a_request_with_an_exact_limit_is_never_served_locally(
     assert limiter.stats.reserved == 0
     await limiter.close()
     assert await stored_count(redis_url, counter, "k") == 30
+    await store.close()
+
+
+async def test_small_limits_are_never_reserved(redis_url: str, tmp_path: Path) -> None:
+    store = open_roomy(redis_url, tmp_path)
+    limiter = RateLimiter(store)  # default floor: 1,000 per window
+    small = window_rule("small", 999)
+    for _ in range(200):
+        assert (await limiter.check([Hit(small, "k")])).allowed
+    assert limiter.stats.reserved == 0
+    assert await stored_count(redis_url, small, "k") == 200
+    await limiter.close()
     await store.close()

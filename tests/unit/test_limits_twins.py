@@ -206,3 +206,19 @@ def test_quota_counts_until_the_period_ends_and_bills_overage() -> None:
     assert m.acquire([over], T0 + 9000)[0].reset_ms == 0  # past the end: nothing to wait for
     assert m.quota_changed == {"k:q"}
     assert m.quota_rows(["k:q", "gone"]) == [("k:q", 4, T0 + 9000 + 40 * 86_400_000)]
+
+
+def test_token_bucket_gets_back_only_what_time_has_not_refilled() -> None:
+    """Reserved units given back late must not refill the bucket a second time."""
+    m = MemoryCounters()
+    c = dataclasses.replace(call("token_bucket", 100, 1000), extra=50)  # one unit per 10 ms
+    r = m.acquire([c], T0)[0]
+    assert (r.granted, r.stamp) == (99 // 16, T0 + 70)  # 1 + 6 units drawn: 70 ms ahead
+    m.acquire([dataclasses.replace(c, extra=0)], T0 + 100)  # idle past the stamp, then 1 more
+    m.refund([dataclasses.replace(c, cost=r.granted, extra=0)], [r.stamp], T0 + 100)
+    peek = m.acquire([dataclasses.replace(c, cost=0, extra=0)], T0 + 100)[0]
+    assert peek.remaining == 99  # time already gave those 6 back; a refund would make it 100
+    # Still ahead of now: given back in full.
+    r = m.acquire([c], T0 + 200)[0]
+    m.refund([dataclasses.replace(c, cost=r.granted, extra=0)], [r.stamp], T0 + 200)
+    assert m.acquire([dataclasses.replace(c, cost=0, extra=0)], T0 + 200)[0].remaining == 99

@@ -10,7 +10,8 @@
 -- ARGV[1]: test-only clock override in whole milliseconds; "" in production, where the time
 --   comes from Redis TIME so that every proxy instance agrees.
 -- ARGV[2]: mode: "acquire" | "charge" (consume unconditionally) | "release" (drop concurrency
---   leases) | "refund" (undo an earlier acquire; used by the cluster store across shards).
+--   leases) | "refund" (give back units consumed earlier: a cluster request denied on another
+--   shard, or reserved units not spent; token_bucket gives back only what time has not).
 -- ARGV[3..]: one string per request (the number of requests is #ARGV - 2), holding that
 --   request's calls back to back, in KEYS order, each as one record (built by
 --   shieldproxy/store/scripts.py; numbers are decimal text):
@@ -22,16 +23,18 @@
 --   of the token that follows); token (unique per request: names log entries and leases; any
 --   bytes). The first six fields are per-rule constants, so the client caches them as one
 --   fragment. Example (two calls):
---   "fixed_window,100,60000,100,0,0,1,0,0,6:ab12:7token_bucket,5,1000,10,0,0,1,0,0,6:ab12:7"
+--   "fixed_window,100,60000,100,0,0,1,0,0,6:ab12:7"
+--   .. "token_bucket,5,1000,10,0,0,1,0,0,6:ab12:7"
 -- Reservations: when a request is admitted, each fixed_window, sliding_window, token_bucket or
 --   quota call is also granted up to `extra` more units, never more than 1/GRANT_SHARE of what
 --   is left once every request of this call was applied, and those units are consumed. The proxy spends them on
 --   later requests without a round trip and gives back what it did not spend ("refund").
 --   Reserved units are always counted first, so reservations can under-admit for a moment but
 --   never over-admit.
--- Returns: "acquire": a flat array with 6 integers per call in KEYS order: allowed (1|0),
+-- Returns: "acquire": a flat array with 7 integers per call in KEYS order: allowed (1|0),
 --   remaining (count), reset (ms, rounded up), retry (ms until it would admit, 0 if allowed),
---   stamp (window start in ms for fixed/sliding window, else 0), used (quota: units counted
+--   stamp (window start in ms for fixed/sliding window; for a token_bucket grant the arrival
+--   time after it, floored; else 0), used (quota: units counted
 --   this period, overage included; else 0), granted (extra units reserved and consumed, 0 when
 --   denied). Other modes: an empty array.
 
@@ -217,8 +220,16 @@ end
 refund.token_bucket = function(c)
   local tat = tonumber(redis.call('GET', c.key))
   if tat then
-    local new = tat - c.cost * (c.window / c.limit)
-    redis.call('SET', c.key, string.format('%.17g', new), 'KEEPTTL')
+    local I = c.window / c.limit
+    local units = c.cost
+    if c.stamp > 0 then
+      -- reserved units: past `stamp` (the arrival time right after the grant) the bucket has
+      -- refilled them by itself, so only the part still ahead of now may be given back
+      units = math.min(units, math.max(0, math.floor((c.stamp - now) / I)))
+    end
+    if units > 0 then
+      redis.call('SET', c.key, string.format('%.17g', tat - units * I), 'KEEPTTL')
+    end
   end
 end
 
@@ -335,8 +346,8 @@ for _, calls in ipairs(requests) do
       local c, st = calls[j], sts[j]
       -- a shadow quota (overage allowed) counts past its limit: overage is billed
       local counts = st.ok or (c.shadow and c.strategy == 'quota')
-      if admit and counts and c.cost > 0 then
-        commit[c.strategy](c, st)
+      if admit and counts then
+        if c.cost > 0 then commit[c.strategy](c, st) end
         if c.extra > 0 and st.ok and available[c.strategy] then
           reserving[#reserving + 1] = {c = c, at = #out}
         end
@@ -365,6 +376,7 @@ for _, r in ipairs(reserving) do
     c.cost = g
     commit[c.strategy](c, st)
     out[r.at + 2] = st.rem
+    if c.strategy == 'token_bucket' then out[r.at + 5] = math.floor(st.new) end
     out[r.at + 6] = st.used or 0
     out[r.at + 7] = g
   end
