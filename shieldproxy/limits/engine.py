@@ -248,16 +248,17 @@ class RateLimiter:
         self._degraded = False
         if self._backlog:
             self._owed_to_store()
-        verdict = self._verdict(hits, calls, results, token, degraded=False)
-        if not verdict.allowed and reserves is not None:
+        taken = None
+        if reserves is not None and not batch_admits(calls, results):
             # Units this instance reserved (perhaps in this very reply, for a request that was
             # ahead of this one) are counted already: spending them here rather than denying
             # keeps a burst from ending with units held that no later request comes to spend.
             taken = reserves.take(hits, keys_, now)
-            if taken is not None:
-                self.stats.denied -= 1
-                self.stats.reserved += 1
-                verdict = _reserved_verdict(hits, taken, now)
+        if taken is not None:
+            self.stats.reserved += 1
+            verdict = _reserved_verdict(hits, taken, now)
+        else:
+            verdict = self._verdict(hits, calls, results, token, degraded=False)
         for h, c, r in zip(hits, calls, results, strict=True):
             # A quota denial is cached until the period ends: only a new period (a new key) or
             # a larger plan (a new cache key, see _cache_key) can admit before that.
@@ -559,7 +560,7 @@ def _reserved_verdict(hits: Sequence[Hit], taken: Sequence[Reserve], now: float)
     states = tuple(
         LimitState(
             h.rule.name,
-            r.call.burst if r.call is not None else h.rule.ceiling,
+            h.rule.ceiling,
             r.base + r.left,
             max(0.0, r.reset_at - now),
             True,

@@ -356,7 +356,8 @@ class RedisStore(RedisRecords, Store):
         Only requests spread over several slots (cluster) can get here; see redis_cluster.py for
         why we consume-then-refund rather than check-then-consume.
         """
-        undo: dict[int, tuple[list[LimitCall], list[int]]] = {}
+        back_calls: list[LimitCall] = []
+        back_stamps: list[int] = []
         for ri, calls in enumerate(requests):
             if len(groups[ri]) < 2 or batch_admits(calls, out[ri]):
                 continue
@@ -369,25 +370,32 @@ class RedisStore(RedisRecords, Store):
                     if consumed(c, r):
                         # units reserved along with the request go back too
                         back = dataclasses.replace(c, cost=c.cost + r.granted, extra=0)
-                        group = undo.setdefault(self._slot(c.key), ([], []))
-                        group[0].append(back)
+                        back_calls.append(back)
                         # a token_bucket stamp would limit the refund to what time has not
                         # refilled: this one undoes the consumption of this very flush in full
-                        group[1].append(0 if c.strategy == "token_bucket" else r.stamp)
+                        back_stamps.append(0 if c.strategy == "token_bucket" else r.stamp)
                         out[ri][i] = _refunded(back, r)
-        if undo:
-            jobs = [encode_refund(cs, stamps, now) for cs, stamps in undo.values()]
-            await self._roundtrip(self._limits, jobs)
+        if back_calls:
+            await self._roundtrip(self._limits, self._refund_jobs(back_calls, back_stamps, now))
 
-    async def refund(self, calls: Sequence[LimitCall], stamps: Sequence[int]) -> None:
+    def _refund_jobs(
+        self, calls: Sequence[LimitCall], stamps: Sequence[int], now: int | None
+    ) -> list[Job]:
+        """One "refund" script call per slot."""
         by_slot: dict[int, tuple[list[LimitCall], list[int]]] = {}
         for c, stamp in zip(calls, stamps, strict=True):
-            if c.cost > 0 and c.strategy != "concurrency":
-                group = by_slot.setdefault(self._slot(c.key), ([], []))
-                group[0].append(c)
-                group[1].append(stamp)
-        now = self._now_ms()
-        jobs = [encode_refund(cs, st, now) for cs, st in by_slot.values()]
+            group = by_slot.setdefault(self._slot(c.key), ([], []))
+            group[0].append(c)
+            group[1].append(stamp)
+        return [encode_refund(cs, st, now) for cs, st in by_slot.values()]
+
+    async def refund(self, calls: Sequence[LimitCall], stamps: Sequence[int]) -> None:
+        wanted = [
+            (c, stamp)
+            for c, stamp in zip(calls, stamps, strict=True)
+            if c.cost > 0 and c.strategy != "concurrency"
+        ]
+        jobs = self._refund_jobs([c for c, _ in wanted], [s for _, s in wanted], self._now_ms())
         if jobs:
             # Never retried: a refund whose reply was lost may have run, and running it twice
             # would give back units nobody reserved.
