@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
-from shieldproxy.limits.engine import RateLimiter, Verdict
-from shieldproxy.limits.headers import rate_limit_headers
+from shieldproxy.limits.engine import ALLOWED_FROM_RESERVES, HitSet, RateLimiter, Verdict
+from shieldproxy.limits.headers import (
+    PolicyState,
+    headers_for,
+    policy_header,
+    rate_limit_headers,
+    rule_text,
+)
 from shieldproxy.limits.model import Hit, LimitRule
 from shieldproxy.metrics import UNMATCHED_ROUTE
 from shieldproxy.routes import Route
@@ -28,6 +36,29 @@ _MESSAGES = {
     "store_unavailable": "rate limits cannot be checked right now",
 }
 _LEGACY = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+_MAX_LANES = 100_000
+
+# (id(route), id(key limits), client ip, key id, tenant id): everything a request's hits depend on.
+_LaneKey = tuple[int, int, str, str, str]
+
+
+@dataclass(slots=True, eq=False)
+class _Lane:
+    """One request shape (route, key limits, client, key, tenant) and what is known about it.
+
+    Requests of one busy client repeat the same shape: its hits, their storage keys, their
+    reserves, its header text and its current denial are worked out once, so that such a
+    request is answered with a few comparisons and two formatted strings.
+    """
+
+    route: Route | None  # held so that the ids in the lane's key stay this object's
+    extra: tuple[tuple[LimitRule, str | None], ...]
+    hit_set: HitSet | None  # None: no rule applies to this shape
+    policy: str = ""  # RateLimit-Policy when admitted from reserves (configured limits)
+    shown: tuple[tuple[int, str, int], ...] = ()  # (hit index, quoted name, limit), enforced
+    denial: Decision | None = None  # the answer while the over-limit cache denies...
+    denial_verdict: Verdict | None = None
+    denial_wait: int = -1  # ...built for this many whole seconds left
 
 
 class RateLimitCheck:
@@ -48,29 +79,90 @@ class RateLimitCheck:
         self._expose = options.expose_headers
         self._legacy = options.legacy_headers
         self._prefix = _prefixer(options.ipv4_prefix_length, options.ipv6_prefix_length)
+        self._lanes: dict[_LaneKey, _Lane] = {}
 
     def rules_for(self, route: Route | None) -> tuple[LimitRule, ...]:
         return self._by_route.get(route.name, self._global) if route else self._global
 
     async def decide(self, ctx: RequestContext) -> Decision:
         route = ctx.route
-        rules = self.rules_for(route)
         extra = ctx.extra_limits
-        if not rules and not extra:
+        if not extra and not self.rules_for(route):
             return ALLOW
+        lane_key = (id(route), id(extra), ctx.client_ip, ctx.key_id, ctx.tenant_id)
+        lane = self._lanes.get(lane_key)
+        if lane is None or lane.route is not route or lane.extra is not extra:
+            lane = self._new_lane(ctx, lane_key)
+        hit_set = lane.hit_set
+        if hit_set is None:
+            return ALLOW
+        limiter = self._limiter
+        now = limiter.now()
+        if limiter.take_reserved(hit_set, now):
+            ctx.limit_hits = hit_set.hits
+            ctx.limit_verdict = ALLOWED_FROM_RESERVES
+            if self._expose and lane.shown:
+                ctx.add_response_headers(self._reserved_headers(lane, hit_set, now))
+            return ALLOW
+        if (
+            lane.denial is not None
+            and now < hit_set.denied_until
+            and lane.denial_wait == math.ceil(hit_set.denied_until - now)
+        ):
+            # Still over the limit, and every header would read the same: the same answer.
+            limiter.count_cached_denial()
+            ctx.limit_hits = hit_set.hits
+            ctx.limit_verdict = lane.denial_verdict
+            return lane.denial
+        decision = await self._check(ctx, hit_set)
+        verdict = ctx.limit_verdict
+        if verdict is not None and verdict is hit_set.denial:
+            lane.denial, lane.denial_verdict = decision, verdict
+            lane.denial_wait = math.ceil(hit_set.denied_until - now)
+        return decision
+
+    def _new_lane(self, ctx: RequestContext, lane_key: _LaneKey) -> _Lane:
+        route = ctx.route
+        extra = ctx.extra_limits
         cost = route.config.cost if route is not None else 1
         hits = [
             Hit(rule, subject, cost)
-            for rule in rules
+            for rule in self.rules_for(route)
             if (subject := self._subject(rule, ctx, route)) is not None
         ]
         for rule, given in extra:
             subject = given if given is not None else self._subject(rule, ctx, route)
             if subject is not None:
                 hits.append(Hit(rule, subject, cost))
-        if not hits:
-            return ALLOW
-        verdict = await self._limiter.check(hits)
+        lane = _Lane(route, extra, self._limiter.hit_set(hits) if hits else None)
+        if hits:
+            lane.policy = policy_header(h.rule for h in hits)
+            lane.shown = tuple(
+                (i, rule_text(h.rule)[0], h.rule.ceiling)
+                for i, h in enumerate(hits)
+                if not h.rule.shadow
+            )
+        lanes = self._lanes
+        lanes.pop(lane_key, None)
+        lanes[lane_key] = lane
+        if len(lanes) > _MAX_LANES:
+            del lanes[next(iter(lanes))]  # the oldest shape: rebuilding one costs microseconds
+        return lane
+
+    def _reserved_headers(self, lane: _Lane, hit_set: HitSet, now: float) -> list[tuple[str, str]]:
+        reserves = hit_set.reserves
+        assert reserves is not None
+        states: list[PolicyState] = []
+        for i, name, limit in lane.shown:
+            r = reserves[i]
+            states.append((name, limit, r.base + r.left, r.reset_at - now))
+        headers = headers_for(lane.policy, states, None)
+        return headers if self._legacy else headers[:2]
+
+    async def _check(self, ctx: RequestContext, hit_set: HitSet) -> Decision:
+        """Ask the limiter: the store, its over-limit cache or the fallback."""
+        hits = hit_set.hits
+        verdict = await self._limiter.check(hits, hit_set)
         ctx.limit_hits = hits
         ctx.limit_verdict = verdict
         headers = self._headers(hits, verdict)

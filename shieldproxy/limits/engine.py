@@ -110,6 +110,24 @@ class LimiterStats:
 
 
 ALLOWED_NOTHING = Verdict(True, "", (), None, False, None)
+# The verdict of a request admitted from reserved units: nothing to release or settle after it.
+# Its per-limit state is in the reserves themselves (see HitSet.reserves); no states are built.
+ALLOWED_FROM_RESERVES = Verdict(True, "", (), None, False, None)
+
+
+@dataclass(slots=True, eq=False)
+class HitSet:
+    """The hits of one request shape (same rules, same subjects), with what the limiter works
+    out about them once instead of per request: their storage keys, the reserves they spend
+    from, and until when the over-limit cache denies them. A caller that keeps one per shape
+    (checks.rate_limit does) makes a busy subject's request cost a few comparisons."""
+
+    hits: list[Hit]
+    keys: list[str]
+    distinct: bool  # no two hits on one storage key (else they are merged per request)
+    reserves: list[Reserve] | None = None  # one per hit, once all have been reserved for
+    denied_until: float = 0.0  # limiter clock: the over-limit cache denies these hits until...
+    denial: Verdict | None = None  # ...with this verdict (the last one it gave)
 
 
 class RateLimiter:
@@ -200,17 +218,56 @@ class RateLimiter:
 
     # ---- the hot path ---------------------------------------------------------------------------
 
-    async def check(self, hits: Sequence[Hit]) -> Verdict:
-        """Admit and consume all hits, or deny and consume nothing."""
+    def hit_set(self, hits: list[Hit]) -> HitSet:
+        """Resolve what `check` needs about these hits once, for reuse by the same shape."""
+        keys_ = [self._key(h) for h in hits]
+        return HitSet(hits, keys_, len(set(keys_)) == len(keys_))
+
+    def now(self) -> float:
+        """The limiter's clock (reserve and denial times are in it)."""
+        return self._clock()
+
+    def take_reserved(self, hit_set: HitSet, now: float) -> bool:
+        """Admit from units reserved earlier, synchronously, or touch nothing and say False.
+
+        The hot path for a busy subject: no store call, no verdict built. The caller reads the
+        per-limit state from `hit_set.reserves`."""
+        found = hit_set.reserves
+        if found is None or self._reserves is None:
+            return False
+        if not self._reserves.take_from(hit_set.hits, found, now):
+            return False
+        stats = self.stats
+        stats.checks += 1
+        stats.reserved += 1
+        return True
+
+    def count_cached_denial(self) -> None:
+        """A caller answered with a denial it kept from `check` (see HitSet.denial)."""
+        stats = self.stats
+        stats.checks += 1
+        stats.cache_denied += 1
+        stats.denied += 1
+
+    async def check(self, hits: Sequence[Hit], hit_set: HitSet | None = None) -> Verdict:
+        """Admit and consume all hits, or deny and consume nothing.
+
+        `hit_set`, from `hit_set(hits)` for these very hits, saves resolving them again and
+        learns the reserves and cached denial the next request of that shape can use."""
         if not hits:
             return ALLOWED_NOTHING
         self.stats.checks += 1
         now = self._clock()
         # Storage keys first: an over-limit flood is answered from the cache below without
         # building a single LimitCall.
-        keys_ = [self._key(h) for h in hits]
-        if len(set(keys_)) < len(keys_):
-            return await self._check_merged(hits, keys_)
+        if hit_set is None:
+            keys_ = [self._key(h) for h in hits]
+            if len(set(keys_)) < len(keys_):
+                return await self._check_merged(hits, keys_)
+        else:
+            keys_ = hit_set.keys
+            if not hit_set.distinct:
+                return await self._check_merged(hits, keys_)
         reserves = self._reserves
         if reserves is not None:
             taken = reserves.take(hits, keys_, now)
@@ -226,7 +283,10 @@ class RateLimiter:
                 cached = (until, i)  # the longest wait decides, as in _verdict
         if cached is not None:
             self.stats.cache_denied += 1
-            return self._cached_denial(hits, cached[1], cached[0] - now)
+            verdict = self._cached_denial(hits, cached[1], cached[0] - now)
+            if hit_set is not None:
+                hit_set.denied_until, hit_set.denial = cached[0], verdict
+            return verdict
         token = f"{self._instance_id}:{next(self._seq)}"
         if reserves is None:
             calls = [self._call(h, token, h.cost) for h in hits]
@@ -245,6 +305,8 @@ class RateLimiter:
             raise
         if reserves is not None:
             reserves.settle(keys_, calls, results, now)
+            if hit_set is not None:
+                hit_set.reserves = reserves.lookup(keys_)
         self._degraded = False
         if self._backlog:
             self._owed_to_store()

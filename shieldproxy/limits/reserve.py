@@ -88,27 +88,33 @@ class Reservations:
 
     def take(self, hits: Sequence[Hit], keys: Sequence[str], now: float) -> list[Reserve] | None:
         """Spend reserved units for every hit, or touch nothing and return None."""
-        entries = self._entries
-        found: list[Reserve] = []
-        for h, k in zip(hits, keys, strict=True):
-            r = entries.get(k)
-            if r is None or h.cost < 1 or r.left < h.cost or now >= r.valid_until:
-                return None
-            if r.limit != h.rule.requests:
-                return None  # granted under another limit (reload, plan change): not ours now
-            found.append(r)
+        found = self.lookup(keys)
+        if found is None or not self.take_from(hits, found, now):
+            return None
+        return found
+
+    def take_from(self, hits: Sequence[Hit], found: Sequence[Reserve], now: float) -> bool:
+        """take() for reserves already looked up (see lookup): spend for every hit, or none."""
+        for h, r in zip(hits, found, strict=True):
+            if r.left < h.cost or h.cost < 1 or now >= r.valid_until or r.limit != h.rule.requests:
+                return False  # an evicted reserve has nothing left, so it fails here too
         for h, r in zip(hits, found, strict=True):
             r.left -= h.cost
             r.demand += h.cost
             self.spent += h.cost
-        return found
+        return True
+
+    def lookup(self, keys: Sequence[str]) -> list[Reserve] | None:
+        """The reserves of these keys, if every one has an entry (for take_from)."""
+        entries = self._entries
+        found = [entries.get(k) for k in keys]
+        return None if None in found else found  # type: ignore[return-value]
 
     def wants(self, hits: Sequence[Hit], keys: Sequence[str], now: float) -> list[int]:
         """Units to ask for beyond each hit's cost in the store call about to be made."""
         floor = self._min_limit
         if not all(
-            h.cost >= 1 and h.rule.strategy in RESERVABLE and h.rule.requests >= floor
-            for h in hits
+            h.cost >= 1 and h.rule.strategy in RESERVABLE and h.rule.requests >= floor for h in hits
         ):
             # Such requests can never be served from reserves (take() needs one for every
             # hit), so reserving for their other limits would only hold units nobody spends.
