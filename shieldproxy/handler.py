@@ -69,7 +69,7 @@ class ProxyHandler:
             self._state.metrics.upstream_error(ctx.upstream_error.kind)
         return response
 
-    def _fault(self, ctx: RequestContext, decision: Decision) -> web.Response:
+    def _fault(self, ctx: RequestContext, decision: Decision) -> web.StreamResponse:
         ctx.decision = decision
         return deny_response(ctx, decision)
 

@@ -2,27 +2,106 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.web_request import BaseRequest
 
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import Decision
 
 # The rest of the request is unread (or, after a refused CONNECT, not HTTP at all).
 _CLOSE_AFTER = frozenset({400, 405, 408, 413, 414, 431})
+_STATUS_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus
+}
+_FIXED_FIELDS = "Content-Type: application/json\r\nServer: shieldproxy\r\n"
 
 
-def deny_response(ctx: RequestContext, decision: Decision) -> web.Response:
+class WholeAnswer(web.StreamResponse):
+    """A small answer serialised here in full (status line, fields, body) and written at once.
+
+    Why: denials are what a flood is answered with, so they are the one answer whose cost
+    bounds how much abuse an instance absorbs. aiohttp's Response builds a header multidict,
+    then validates and serialises it field by field on every answer; here the fields are
+    one string and the answer one write. aiohttp still owns the connection: keep-alive,
+    flow control (the write waits while the client does not read) and closing.
+    """
+
+    def __init__(self, status: int, raw: bytes, *, keep_alive: bool) -> None:
+        super().__init__(status=status)
+        self._raw = raw
+        self._keep_alive = keep_alive
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        writer = request.writer
+        await writer.write_eof(self._raw)
+        self._eof_sent = True
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None  # written whole by prepare()
+
+
+def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse:
     """The contract's JSON error body, with the decision's headers."""
+    request = ctx.request
+    request_id = ctx.request_id
     body = orjson.dumps(
-        {
-            "error": {
-                "code": decision.code,
-                "message": decision.message,
-                "request_id": ctx.request_id,
-            }
-        }
+        {"error": {"code": decision.code, "message": decision.message, "request_id": request_id}}
     )
+    status = decision.status
+    fields = _fields(ctx, decision)
+    keep_alive = request.keep_alive and status not in _CLOSE_AFTER
+    line = _STATUS_LINES.get(status)
+    text = "".join(fields)
+    bare = text.replace("\r\n", "")
+    if line is None or "\r" in bare or "\n" in bare:
+        return _response(ctx, decision, body, keep_alive)  # let aiohttp refuse what is unsafe
+    if request.version < (1, 1):
+        line = "HTTP/1.0" + line[8:]
+        if keep_alive:
+            text += "Connection: keep-alive\r\n"
+    elif not keep_alive:
+        text += "Connection: close\r\n"
+    head = (
+        f"{line}{_FIXED_FIELDS}Date: {rfc822_formatted_time()}\r\n{text}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    raw = head.encode("latin-1", "replace")
+    if request.method != "HEAD":
+        raw += body
+    return WholeAnswer(status, raw, keep_alive=keep_alive)
+
+
+def _fields(ctx: RequestContext, decision: Decision) -> list[str]:
+    """Header lines in the order of precedence: the decision's, its Retry-After, then what
+    earlier checks added (a later field replaces an earlier one of the same name)."""
+    extra: list[tuple[str, str]] = []
+    if decision.retry_after is not None:
+        extra.append(("Retry-After", str(decision.retry_after)))
+    if decision.status == 401 and not any(
+        name.lower() == "www-authenticate" for name, _ in decision.headers
+    ):
+        extra.append(("WWW-Authenticate", "Bearer"))
+    if ctx.response_headers:
+        extra += ctx.response_headers
+    pairs = [("X-Request-Id", ctx.request_id), *decision.headers]
+    if extra:  # rare: only then can two fields share a name
+        by_name = {name.lower(): (name, value) for name, value in pairs + extra}
+        pairs = list(by_name.values())
+    return [f"{name}: {value}\r\n" for name, value in pairs]
+
+
+def _response(
+    ctx: RequestContext, decision: Decision, body: bytes, keep_alive: bool
+) -> web.Response:
+    """The same answer through aiohttp's Response (which validates every field)."""
     response = web.Response(status=decision.status, body=body, content_type="application/json")
     headers = response.headers
     headers["X-Request-Id"] = ctx.request_id
@@ -30,12 +109,12 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.Response:
     for name, value in decision.headers:
         headers[name] = value
     if decision.retry_after is not None:
-        headers["Retry-After"] = str(decision.retry_after)
+        headers.setdefault("Retry-After", str(decision.retry_after))
     if decision.status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
     if ctx.response_headers:
         for name, value in ctx.response_headers:
             headers[name] = value
-    if decision.status in _CLOSE_AFTER:
+    if not keep_alive:
         response.force_close()
     return response

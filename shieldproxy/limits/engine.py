@@ -106,6 +106,7 @@ class LimiterStats:
     quota_dropped: int = 0  # ... of which dropped because the backlog was full
     reserved: int = 0  # admitted from units reserved ahead, without a store call
     given_back: int = 0  # reserved units returned to the store unspent
+    refills: int = 0  # store calls that reserved ahead for a busy subject
     give_back_errors: int = 0
 
 
@@ -204,6 +205,8 @@ class RateLimiter:
             await asyncio.gather(self._sweeper_task, return_exceptions=True)
             self._sweeper_task = None
         if self._reserves is not None:
+            # Refills still in flight first: what they reserve is given back with the rest.
+            await asyncio.gather(*self._background, return_exceptions=True)
             await self._give_back(self._reserves.drain())
         for lease in list(self._leases.values()):
             await self.release(lease)
@@ -235,12 +238,30 @@ class RateLimiter:
         found = hit_set.reserves
         if found is None or self._reserves is None:
             return False
-        if not self._reserves.take_from(hit_set.hits, found, now):
+        reserves = self._reserves
+        if not reserves.take_from(hit_set.hits, found, now):
             return False
         stats = self.stats
         stats.checks += 1
         stats.reserved += 1
+        if not self._closing and (wanted := reserves.refill(hit_set.hits, found, now)):
+            self._spawn(self._refill(hit_set, wanted))
         return True
+
+    async def _refill(self, hit_set: HitSet, wanted: list[tuple[int, int]]) -> None:
+        """Reserve more units for a busy subject before it runs out: a cost-0 store call."""
+        assert self._reserves is not None
+        token = f"{self._instance_id}:{next(self._seq)}"
+        hits = [hit_set.hits[i] for i, _ in wanted]
+        keys_ = [hit_set.keys[i] for i, _ in wanted]
+        calls = [self._call(h, token, 0, units) for h, (_, units) in zip(hits, wanted, strict=True)]
+        try:
+            results: list[CallResult] | None = await self._store.acquire(calls)
+        except StoreError:
+            results = None  # the next request asks again, or goes to the store itself
+        now = self._clock()
+        self._reserves.settle(keys_, calls, results, now)
+        self.stats.refills += 1
 
     def count_cached_denial(self) -> None:
         """A caller answered with a denial it kept from `check` (see HitSet.denial)."""
@@ -538,9 +559,7 @@ class RateLimiter:
         """The store answered again: charge what it is owed, once, in the background."""
         if self._closing or (self._settling is not None and not self._settling.done()):
             return
-        self._settling = asyncio.create_task(self._settle_backlog())
-        self._background.add(self._settling)
-        self._settling.add_done_callback(self._background.discard)
+        self._settling = self._spawn(self._settle_backlog())
 
     async def _settle_backlog(self) -> None:
         owed = self._backlog.take()
@@ -556,13 +575,17 @@ class RateLimiter:
             return
         self.stats.quota_recharged += sum(c.cost for c in owed)
 
-    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
-        # Releases and charges run after the response, often from a task that is being cancelled
-        # (client gone); shielding lets the store call finish instead of leaking the slot.
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A background task that close() waits for."""
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
+        return task
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Releases and charges run after the response, often from a task that is being cancelled
+        # (client gone); shielding lets the store call finish instead of leaking the slot.
+        await asyncio.shield(self._spawn(coro))
 
     async def _beat(self) -> None:
         try:

@@ -60,6 +60,7 @@ class Reserve:
     demand: int = 0  # units this instance was asked for since `since` (rate estimate)
     since: float = 0.0
     asking: bool = False  # a store call asking for more is in flight
+    granted: int = 0  # units of the last grant (refill() asks again when half are spent)
 
 
 class Reservations:
@@ -136,13 +137,37 @@ class Reservations:
             if r.asking or covered:
                 out.append(0)
                 continue
-            elapsed = max(now - r.since, _MIN_ELAPSED_S)
-            want = min(int(r.demand / elapsed * self._horizon), self._max_units)
-            if want > 0:
-                r.asking = True
-                r.since, r.demand = now, 0
-            out.append(want)
+            out.append(self._ask(r, now))
         return out
+
+    def refill(
+        self, hits: Sequence[Hit], found: Sequence[Reserve], now: float
+    ) -> list[tuple[int, int]] | None:
+        """(hit index, units) to reserve ahead for reserves running low, or None.
+
+        A reserve is low when half its last grant is spent or half its time has passed. Asking
+        then, in the background, keeps a busy subject on its reserves: without it, every
+        reserve runs dry now and then, and the requests that find it so wait for the store.
+        """
+        half = self._horizon / 2
+        out: list[tuple[int, int]] | None = None
+        for i, r in enumerate(found):
+            if r.asking or (2 * r.left >= r.granted and now < r.valid_until - half):
+                continue  # the common case: nothing allocated
+            if (units := self._ask(r, now)) > 0:
+                if out is None:
+                    out = []
+                out.append((i, units))
+        return out
+
+    def _ask(self, r: Reserve, now: float) -> int:
+        """Units for the coming horizon at the rate seen since the last ask; marks r asking."""
+        elapsed = max(now - r.since, _MIN_ELAPSED_S)
+        want = min(int(r.demand / elapsed * self._horizon), self._max_units)
+        if want > 0:
+            r.asking = True
+            r.since, r.demand = now, 0
+        return want
 
     def settle(
         self,
@@ -171,6 +196,7 @@ class Reservations:
             r.call = c
             r.limit = c.limit
             r.left += res.granted
+            r.granted = res.granted
             r.base = max(0, res.remaining)
             r.used = res.used
             r.stamp = res.stamp
