@@ -60,9 +60,10 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
     keep_alive = request.keep_alive and status not in _CLOSE_AFTER
     line = _STATUS_LINES.get(status)
     text = "".join(fields)
-    bare = text.replace("\r\n", "")
-    if line is None or "\r" in bare or "\n" in bare:
-        return _response(ctx, decision, body, keep_alive)  # let aiohttp refuse what is unsafe
+    # Each field line ends in the one CRLF added above: any other CR or LF came from a name or
+    # a value (header injection), and aiohttp's Response refuses it.
+    if line is None or text.count("\n") != len(fields) or text.count("\r") != len(fields):
+        return _response(ctx, decision, body, keep_alive)
     if request.version < (1, 1):
         line = "HTTP/1.0" + line[8:]
         if keep_alive:
@@ -109,7 +110,7 @@ def _response(
     for name, value in decision.headers:
         headers[name] = value
     if decision.retry_after is not None:
-        headers.setdefault("Retry-After", str(decision.retry_after))
+        headers["Retry-After"] = str(decision.retry_after)
     if decision.status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
     if ctx.response_headers:

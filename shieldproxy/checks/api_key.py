@@ -106,12 +106,19 @@ class ApiKeyCheck:
     def _extract(self, ctx: RequestContext) -> tuple[str | None, str]:
         headers = ctx.request.headers
         found: list[tuple[str, str]] = []
+        bearer: str | None = None
         authorization = headers.get("Authorization")
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
-            if scheme.lower() == "bearer" and token.strip().startswith("sp_"):
-                found.append((token.strip(), "authorization"))
+            token = token.strip()
+            if scheme.lower() == "bearer" and token.startswith("sp_"):
+                bearer = token
         api_key = headers.get("X-API-Key")
+        if api_key is None and not (self._query_parameter and ctx.query):
+            # The common case, one place to look: nothing to reconcile.
+            return (bearer, "authorization") if bearer is not None else (None, "")
+        if bearer is not None:
+            found.append((bearer, "authorization"))
         if api_key is not None:
             found.append((api_key.strip(), "x-api-key"))
         if self._query_parameter and ctx.query:

@@ -9,7 +9,9 @@ request also consumes up to `rate x horizon` more units (never more than 1/GRANT
 left, see limits.lua), and this instance spends them on the subject's next requests without
 asking. Units are consumed in the store before they are spent, so a limit is never exceeded;
 what an instance still holds when its reservation expires (after `horizon`, or at the end of
-the window) goes back to the store ("refund", within half a horizon more). The price is an
+the window) goes back to the store ("refund", within half a horizon more). A reserve running
+low (half its grant spent, or half its time gone) is refilled by a cost-0 store call in the
+background (see refill), so a steady subject's requests seldom find it empty. The price is an
 under-admission: units one instance holds are not available to another until they are spent or
 given back, and an instance denied meanwhile caches that denial (see cache.py) until the window
 ends. Both are bounded by the grant size, at most 1/GRANT_SHARE of what was left per instance.
