@@ -57,9 +57,7 @@ def key_rules(key_id: str, doc: dict[str, Any]) -> list[tuple[LimitRule, str | N
     return rules
 
 
-def plan_rules(
-    plan: PlanConfig | None, on_store_error: str
-) -> list[tuple[LimitRule, str | None]]:
+def plan_rules(plan: PlanConfig | None, on_store_error: str) -> list[tuple[LimitRule, str | None]]:
     """A plan's limits; their subjects follow their scope (the tenant, the key, the IP...)."""
     if plan is None:
         return []

@@ -341,7 +341,15 @@ class RateLimiter:
             self.stats.reserved += 1
             verdict = _reserved_verdict(hits, taken, now)
         else:
-            verdict = self._verdict(hits, calls, results, token, degraded=False)
+            # Units this instance holds for these keys (this grant's and earlier ones) are
+            # still its to spend: the remaining it reports counts them, as answers from
+            # reserves do.
+            holding = (
+                None
+                if reserves is None
+                else [reserves.held(k, now, c.limit) for k, c in zip(keys_, calls, strict=True)]
+            )
+            verdict = self._verdict(hits, calls, results, token, degraded=False, holding=holding)
         for h, c, r in zip(hits, calls, results, strict=True):
             # A quota denial is cached until the period ends: only a new period (a new key) or
             # a larger plan (a new cache key, see _cache_key) can admit before that.
@@ -448,20 +456,22 @@ class RateLimiter:
         token: str,
         *,
         degraded: bool,
+        holding: Sequence[int] | None = None,
     ) -> Verdict:
+        """`holding`: units this instance holds per call (reserved, not spent); else the grant."""
         allowed = batch_admits(calls, results)
+        mine = holding if holding is not None else [r.granted for r in results]
         states = tuple(
             LimitState(
                 name=h.rule.name,
                 limit=c.burst,
-                # units reserved for this instance are still ours to spend
-                remaining=max(0, r.remaining) + r.granted,
+                remaining=max(0, r.remaining) + n,
                 reset_seconds=max(0, r.reset_ms) / 1000,
                 allowed=r.allowed,
                 shadow_denied=h.rule.shadow and not r.allowed,
-                used=r.used - r.granted if c.strategy == "quota" else r.used,
+                used=r.used - n if c.strategy == "quota" else r.used,
             )
-            for h, c, r in zip(hits, calls, results, strict=True)
+            for h, c, r, n in zip(hits, calls, results, mine, strict=True)
         )
         self.stats.shadow_denied += sum(s.shadow_denied for s in states)
         if allowed:
@@ -611,7 +621,13 @@ class RateLimiter:
         while not self._closing:
             await asyncio.sleep(pause)
             try:
-                await self._give_back(self._reserves.expired(self._clock()))
+                owed = self._reserves.expired(self._clock())
+                if owed:
+                    # Shielded: close() cancels this loop, and units taken out of the reserves
+                    # must reach the store (close waits for background tasks before draining).
+                    await asyncio.shield(self._spawn(self._give_back(owed)))
+            except asyncio.CancelledError:
+                raise
             except Exception:  # a bug here must not end the loop and let leftovers pile up
                 log.exception("giving back reserved limit units failed")
 

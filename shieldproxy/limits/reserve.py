@@ -84,10 +84,12 @@ class Reservations:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def held(self, key: str, now: float) -> int:
-        """Units reserved for `key` and not spent yet."""
+    def held(self, key: str, now: float, limit: int | None = None) -> int:
+        """Units reserved for `key` and not spent yet (under `limit`, when given)."""
         r = self._entries.get(key)
-        return r.left if r is not None and now < r.valid_until else 0
+        if r is None or now >= r.valid_until or (limit is not None and r.limit != limit):
+            return 0
+        return r.left
 
     def take(self, hits: Sequence[Hit], keys: Sequence[str], now: float) -> list[Reserve] | None:
         """Spend reserved units for every hit, or touch nothing and return None."""
@@ -135,7 +137,11 @@ class Reservations:
                 out.append(0)
                 continue
             r.demand += h.cost
-            covered = r.left >= h.cost and now < r.valid_until - self._horizon / 2
+            covered = (
+                r.left >= h.cost
+                and now < r.valid_until - self._horizon / 2
+                and r.limit == h.rule.requests
+            )
             if r.asking or covered:
                 out.append(0)
                 continue
@@ -181,6 +187,8 @@ class Reservations:
         """Record what the store granted (results None: the call failed, nothing granted)."""
         for i, (k, c) in enumerate(zip(keys, calls, strict=True)):
             if c.extra <= 0:
+                if results is not None and c.cost > 0:
+                    self._observe(k, c, results[i], now)
                 continue
             r = self._entries.get(k)
             if r is None:
@@ -211,6 +219,16 @@ class Reservations:
         for k, c, res in zip(keys, calls, results or (), strict=False):
             if c.extra > 0 and res.granted > 0 and k not in self._entries:
                 self._owed.append((dataclasses.replace(c, cost=res.granted, extra=0), res.stamp))
+
+    def _observe(self, key: str, c: LimitCall, res: CallResult, now: float) -> None:
+        """A store answer for a key this instance holds units of, that reserved nothing: what
+        answers from reserves report as remaining must follow what it consumed."""
+        r = self._entries.get(key)
+        if r is None or r.left <= 0 or r.limit != c.limit or r.stamp != res.stamp:
+            return
+        r.base = max(0, res.remaining)
+        r.used = res.used
+        r.reset_at = now + max(0, res.reset_ms) / 1000
 
     def expired(self, now: float) -> list[GiveBack]:
         """Leftovers of reservations that ended: the units to give back to the store."""
