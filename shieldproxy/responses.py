@@ -60,9 +60,14 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
     keep_alive = request.keep_alive and status not in _CLOSE_AFTER
     line = _STATUS_LINES.get(status)
     text = "".join(fields)
-    # Each field line ends in the one CRLF added above: any other CR or LF came from a name or
-    # a value (header injection), and aiohttp's Response refuses it.
-    if line is None or text.count("\n") != len(fields) or text.count("\r") != len(fields):
+    # Each field line ends in the one CRLF added above: any other CR or LF (or a NUL) came from
+    # a name or a value (header injection), and aiohttp's Response refuses it.
+    if (
+        line is None
+        or text.count("\n") != len(fields)
+        or text.count("\r") != len(fields)
+        or "\x00" in text
+    ):
         return _response(ctx, decision, body, keep_alive)
     if request.version < (1, 1):
         line = "HTTP/1.0" + line[8:]

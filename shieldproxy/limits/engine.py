@@ -255,12 +255,17 @@ class RateLimiter:
         hits = [hit_set.hits[i] for i, _ in wanted]
         keys_ = [hit_set.keys[i] for i, _ in wanted]
         calls = [self._call(h, token, 0, units) for h, (_, units) in zip(hits, wanted, strict=True)]
+        # The store's times (window end, reset) are counted from before the call: a grant must
+        # never look valid past the window it was counted in.
+        sent = self._clock()
         try:
             results: list[CallResult] | None = await self._store.acquire(calls)
         except StoreError:
             results = None  # the next request asks again, or goes to the store itself
-        now = self._clock()
-        self._reserves.settle(keys_, calls, results, now)
+        except BaseException:
+            self._reserves.settle(keys_, calls, None, sent)  # not asking any more
+            raise
+        self._reserves.settle(keys_, calls, results, sent)
         self.stats.refills += 1
 
     def count_cached_denial(self) -> None:
