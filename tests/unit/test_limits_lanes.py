@@ -398,3 +398,42 @@ async def test_a_changed_key_limit_gets_a_new_lane(
     # An equal tuple that is a new object (the key read again) is a new lane, not a wrong one.
     seen = await send_many(key_limits(*after), 10)
     assert all(policy == new_policy for policy, _ in seen)
+
+
+async def test_a_refill_is_never_spent_past_its_window(
+    tmp_path: Path, closing: list[Closable]
+) -> None:
+    """Units counted in one fixed window must not be spent once the next has opened (they would
+    not be counted there: over-admission). A refill's reply arrives after the store measured the
+    window's end, so its validity must be counted from before the call."""
+    clock = ManualClock(START)  # 40 s into a 60 s window: it ends at START + 20
+    store = open_store("local", data_dir=tmp_path, clock=clock)
+    real_acquire = store.acquire
+
+    async def slow_acquire(calls: Any) -> Any:
+        results = await real_acquire(calls)
+        clock.t += 0.01  # the reply takes 10 ms to come back
+        return results
+
+    store.acquire = slow_acquire  # type: ignore[method-assign]
+    settings = LimiterSettings(reserve_seconds=0.05, reserve_min_limit=100)
+    limiter = RateLimiter(store, clock=clock, settings=settings)
+    closing += [limiter, store]
+    rule = LimitRule("edge", "key", "fixed_window", 100_000, 60)
+    hs = limiter.hit_set([Hit(rule, "k")])
+    end = START + 20
+    clock.t = end - 0.3
+    spent_late = 0
+    while clock.t < end + 0.1:
+        clock.t += 0.0005
+        if limiter.take_reserved(hs, clock.t):
+            assert hs.reserves is not None
+            if clock.t >= end:
+                # Spent in the new window: only units that window counted may be.
+                assert all(r.stamp >= end * 1000 for r in hs.reserves), clock.t - end
+                spent_late += 1
+        else:
+            assert (await limiter.check(hs.hits, hs)).allowed
+        await asyncio.sleep(0)  # refills run
+    assert limiter.stats.refills > 0
+    assert spent_late > 0  # the new window's reserves were used too
