@@ -77,6 +77,19 @@ _KEY_CARRIERS = {
 _ALL_KEY_CARRIERS = _KEY_CARRIERS["authorization"]
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # nominate nothing: skip parsing
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Fields checks add to forwarded responses (RequestContext.response_headers: the rate-limit
+# headers); only an upstream sending one of these makes replacing necessary.
+_CHECK_FIELDS = frozenset(
+    {
+        b"ratelimit",
+        b"ratelimit-policy",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
+        b"retry-after",
+        b"x-shield-degraded",
+    }
+)
 _SMALL_BODY = 64 * 1024
 
 
@@ -303,16 +316,21 @@ class Forwarder:
             ):
                 extra = extra | nominated([value.decode("latin-1")])
         headers: CIMultiDict[str] = CIMultiDict()
+        clash = False  # the upstream sent a field that checks may set too
         for name, value in head.headers:
             lname = name.lower()
             if lname not in SKIP_RESPONSE and lname not in extra:
                 headers.add(name.decode("latin-1"), value.decode("latin-1"))
+                clash = clash or lname in _CHECK_FIELDS
             if lname == self._charge and value.strip().isdigit():
                 ctx.upstream_charge = int(value)
         headers["X-Request-Id"] = ctx.request_id
         if ctx.response_headers:
-            for name_s, value_s in ctx.response_headers:
-                headers[name_s] = value_s
+            if clash:
+                for name_s, value_s in ctx.response_headers:
+                    headers[name_s] = value_s  # ours replace the upstream's
+            else:
+                headers.extend(ctx.response_headers)
         if "Server" not in headers:
             headers["Server"] = "shieldproxy"
         return headers

@@ -78,6 +78,19 @@ def test_legacy_headers_off_and_hidden_headers(proxy_factory: ProxyFactory) -> N
     assert int(denied.headers["Retry-After"]) >= 1
 
 
+def test_our_limit_fields_replace_the_upstreams(proxy_factory: ProxyFactory) -> None:
+    """Where shieldproxy limits a route, its RateLimit fields are the ones the client gets, once
+    each; elsewhere the upstream's own pass through untouched."""
+    limited = get(proxy_factory(limit_config("fixed_window", 5, 60)).port, "/own-limits")
+    assert limited.status == 200 and limited.headers["X-Up"] == "1"
+    assert limited.headers.get_all("RateLimit") == ['"per-ip";r=4;t=' + limited.headers[
+        "X-RateLimit-Reset"]]  # fmt: skip
+    assert limited.headers.get_all("X-RateLimit-Remaining") == ["4"]
+    plain = get(proxy_factory("[auth]\nrequired = false\n").port, "/own-limits")
+    assert plain.headers.get_all("RateLimit") == ['"upstream";r=5;t=1']
+    assert plain.headers.get_all("X-RateLimit-Remaining") == ["5"]
+
+
 def test_route_limits_cost_and_shadow(proxy_factory: ProxyFactory) -> None:
     config = (
         "[[limits]]\n"
