@@ -248,7 +248,8 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
         "shieldproxy_ratelimit_events",
         "Rate-limit engine events: checks, denied, cache_denied (no storage call), "
         "shadow_denied, degraded (answered by fallback), reserved (admitted from units reserved "
-        "ahead, no storage call), given_back (reserved units returned unspent), errors.",
+        "ahead, no storage call), refills (background calls reserving more for a busy subject), "
+        "given_back (reserved units returned unspent), errors.",
         labels=["event"],
     )
     for name, n in sorted(m.limiter.items()):

@@ -10,8 +10,9 @@ left, see limits.lua), and this instance spends them on the subject's next reque
 asking. Units are consumed in the store before they are spent, so a limit is never exceeded;
 what an instance still holds when its reservation expires (after `horizon`, or at the end of
 the window) goes back to the store ("refund", within half a horizon more). A reserve running
-low (half its grant spent, or half its time gone) is refilled by a cost-0 store call in the
-background (see refill), so a steady subject's requests seldom find it empty. The price is an
+low (a quarter of its grant spent, or a quarter of its time gone) is refilled by a cost-0 store
+call in the background (see refill), so a steady subject's requests seldom find it empty; it
+then holds up to 7/4 of a grant. The price is an
 under-admission: units one instance holds are not available to another until they are spent or
 given back, and an instance denied meanwhile caches that denial (see cache.py) until the window
 ends. Both are bounded by the grant size, at most 1/GRANT_SHARE of what was left per instance.
@@ -62,7 +63,7 @@ class Reserve:
     demand: int = 0  # units this instance was asked for since `since` (rate estimate)
     since: float = 0.0
     asking: bool = False  # a store call asking for more is in flight
-    granted: int = 0  # units of the last grant (refill() asks again when half are spent)
+    granted: int = 0  # units of the last grant (refill() asks again when 1/4 are spent)
 
 
 class Reservations:
@@ -153,14 +154,18 @@ class Reservations:
     ) -> list[tuple[int, int]] | None:
         """(hit index, units) to reserve ahead for reserves running low, or None.
 
-        A reserve is low when half its last grant is spent or half its time has passed. Asking
-        then, in the background, keeps a busy subject on its reserves: without it, every
-        reserve runs dry now and then, and the requests that find it so wait for the store.
+        A reserve is low when a quarter of its last grant is spent or a quarter of its time
+        has passed. Asking then, in the background, keeps a busy subject on its reserves:
+        without it, every reserve runs dry now and then, and the requests that find it so wait
+        for the store. A subject then holds between 3/4 and 7/4 of a grant.
         """
-        half = self._horizon / 2
+        # A store reply can take tens of milliseconds when this process is saturated (several
+        # loop turns of queued requests): ask while a quarter of the grant's units and time are
+        # gone, so the new grant lands before the old one runs out.
+        early = self._horizon * 3 / 4
         out: list[tuple[int, int]] | None = None
         for i, r in enumerate(found):
-            if r.asking or (2 * r.left >= r.granted and now < r.valid_until - half):
+            if r.asking or (4 * r.left >= 3 * r.granted and now < r.valid_until - early):
                 continue  # the common case: nothing allocated
             if (units := self._ask(r, now)) > 0:
                 if out is None:
