@@ -186,6 +186,11 @@ class AuthConfig(Section):
     max_stale_seconds: float = Field(
         600.0, ge=0, description="store down: keep honouring a cached key this long"
     )
+    unknown_keys_per_minute: int = Field(
+        60,
+        ge=0,
+        description="store lookups of keys that do not exist, per client IP; then 429; 0 = off",
+    )
 
 
 class PlanConfig(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote_plus
@@ -9,6 +10,7 @@ from urllib.parse import parse_qsl, unquote_plus
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision, deny
+from shieldproxy.keys.guard import UnknownKeyGuard
 from shieldproxy.keys.records import KeyView, billing_period
 from shieldproxy.keys.registry import KeyRegistry
 from shieldproxy.keys.secret import well_formed
@@ -39,6 +41,8 @@ class ApiKeyCheck:
         self._query_parameter = config.auth.query_parameter
         self._registry = registry
         self._wall = wall_clock
+        per_minute = config.auth.unknown_keys_per_minute
+        self._guard = UnknownKeyGuard(per_minute) if per_minute > 0 else None
         # key id → (the view it was built for, period end, limits with this period's quotas)
         self._quota_cache: dict[
             str, tuple[KeyView, float, tuple[tuple[LimitRule, str | None], ...]]
@@ -65,12 +69,17 @@ class ApiKeyCheck:
         if view is None:
             if not well_formed(secret):
                 return INVALID  # typos and made-up keys never reach the store
+            guard = self._guard
+            if guard is not None and (wait := guard.retry_after(ctx.client_ip)) is not None:
+                return too_many_unknown_keys(wait)  # made-up keys with valid checksums
             try:
                 view = await self._registry.lookup(secret)
             except StoreError:  # a fault, never the client's: 503, not 401 and not 500
                 return UNAVAILABLE
-        if view is None:
-            return INVALID
+            if view is None:
+                if guard is not None:
+                    guard.missed(ctx.client_ip)
+                return INVALID
         now = self._wall()
         if view.revoked:
             return REVOKED
@@ -132,6 +141,15 @@ class ApiKeyCheck:
         if len(secrets) > 1:
             return "", "conflict"
         return found[0][0], "authorization" if len(found) > 1 else found[0][1]
+
+
+def too_many_unknown_keys(wait: float) -> Decision:
+    return deny(
+        429,
+        "rate_limited",
+        "too many unknown API keys from this address",
+        retry_after=max(1, math.ceil(wait)),
+    )
 
 
 def strip_query_parameter(query: str, name: str) -> str:

@@ -503,3 +503,34 @@ def test_redis_down_serves_cached_keys_and_503s_unknown_ones(
         assert time.monotonic() - started < 1.0, "a dead store must not hang the request"
     # A malformed key is still refused locally, with the right answer.
     assert_denied(call(proxy, flip_checksum(used)), 401, "invalid_key")
+
+
+def test_made_up_keys_cost_a_bounded_number_of_lookups(
+    proxy_factory: ProxyFactory, fault_redis: RedisServer
+) -> None:
+    """Anyone can compute a checksum: well-formed keys that do not exist each cost a lookup,
+    so an address gets `auth.unknown_keys_per_minute` of them, then 429 with no lookup at all.
+    A key that exists is served from the cache meanwhile."""
+    proxy = proxy_factory(
+        CONFIG + "[auth]\nunknown_keys_per_minute = 5\n",
+        args=("--store", fault_redis.url),
+        env=AUTH_ENV,
+        auth=True,
+    )
+    secret = Admin(proxy).key()["key"]
+    assert call(proxy, secret).status == 200  # cached from now on; scripts loaded
+    for _ in range(5):
+        assert_denied(call(proxy, generate_key("live")), 401, "invalid_key")
+    window = 1.5
+    with stats_window(fault_redis, window) as quiet:
+        pass
+    with stats_window(fault_redis, window) as busy:
+        started = time.monotonic()
+        for _ in range(50):
+            reply = call(proxy, generate_key("live"))
+            assert_denied(reply, 429, "rate_limited")
+            assert 1 <= int(reply.headers["Retry-After"]) <= 12
+        assert call(proxy, secret).status == 200
+        assert time.monotonic() - started < window, "the window is too short for the requests"
+    lookups = ("hget", "hgetall", "hmget", "get")
+    assert not {c for c in busy if c in lookups and busy[c] > quiet.get(c, 0) + 1}, (busy, quiet)

@@ -1,0 +1,41 @@
+"""UnknownKeyGuard: lookups of keys that do not exist are bounded per client address."""
+
+from __future__ import annotations
+
+from shieldproxy.keys.guard import UnknownKeyGuard
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_an_address_gets_its_allowance_at_once_then_one_per_interval() -> None:
+    clock = Clock()
+    guard = UnknownKeyGuard(6, clock=clock)  # 6 a minute: one every 10 s after the first six
+    for _ in range(6):
+        assert guard.retry_after("198.51.100.1") is None
+        guard.missed("198.51.100.1")
+    wait = guard.retry_after("198.51.100.1")
+    assert wait is not None and abs(wait - 10.0) < 1e-9
+    assert guard.retry_after("198.51.100.2") is None  # other addresses are not affected
+    clock.t += 10.0
+    assert guard.retry_after("198.51.100.1") is None
+    guard.missed("198.51.100.1")
+    assert guard.retry_after("198.51.100.1") is not None
+    clock.t += 60.0  # quiet for a minute: the whole allowance is back
+    for _ in range(6):
+        assert guard.retry_after("198.51.100.1") is None
+        guard.missed("198.51.100.1")
+
+
+def test_memory_is_bounded_by_forgetting_the_oldest_address() -> None:
+    guard = UnknownKeyGuard(1, max_entries=3, clock=Clock())
+    for i in range(5):
+        guard.missed(f"203.0.113.{i}")
+    assert len(guard) == 3
+    assert guard.retry_after("203.0.113.0") is None  # forgotten
+    assert guard.retry_after("203.0.113.4") is not None
