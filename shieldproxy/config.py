@@ -189,7 +189,7 @@ class AuthConfig(Section):
     unknown_keys_per_minute: int = Field(
         60,
         ge=0,
-        description="store lookups of keys that do not exist, per client IP; then 429; 0 = off",
+        description="lookups of keys that do not exist, per client network; then 429; 0 = off",
     )
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote_plus
 
+from shieldproxy.checks.rate_limit import ip_prefixer
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision, deny
@@ -43,6 +44,8 @@ class ApiKeyCheck:
         self._wall = wall_clock
         per_minute = config.auth.unknown_keys_per_minute
         self._guard = UnknownKeyGuard(per_minute) if per_minute > 0 else None
+        options = config.rate_limits
+        self._network = ip_prefixer(options.ipv4_prefix_length, options.ipv6_prefix_length)
         # key id → (the view it was built for, period end, limits with this period's quotas)
         self._quota_cache: dict[
             str, tuple[KeyView, float, tuple[tuple[LimitRule, str | None], ...]]
@@ -69,17 +72,24 @@ class ApiKeyCheck:
         if view is None:
             if not well_formed(secret):
                 return INVALID  # typos and made-up keys never reach the store
-            guard = self._guard
-            if guard is not None and (wait := guard.retry_after(ctx.client_ip)) is not None:
-                return too_many_unknown_keys(wait)  # made-up keys with valid checksums
+            # Made-up keys with valid checksums: a bounded number of lookups per network.
+            # A secret that named a key before (its cache entry gone stale) is not counted.
+            guard = None if self._registry.knows(secret) else self._guard
+            if guard is not None:
+                network = self._network(ctx.client_ip)
+                if (wait := guard.retry_after(network)) is not None:
+                    return too_many_unknown_keys(wait)
+                guard.charge(network)
             try:
                 view = await self._registry.lookup(secret)
             except StoreError:  # a fault, never the client's: 503, not 401 and not 500
+                if guard is not None:
+                    guard.forgive(network)
                 return UNAVAILABLE
             if view is None:
-                if guard is not None:
-                    guard.missed(ctx.client_ip)
                 return INVALID
+            if guard is not None:
+                guard.forgive(network)
         now = self._wall()
         if view.revoked:
             return REVOKED

@@ -78,7 +78,7 @@ class RateLimitCheck:
         options = config.rate_limits
         self._expose = options.expose_headers
         self._legacy = options.legacy_headers
-        self._prefix = _prefixer(options.ipv4_prefix_length, options.ipv6_prefix_length)
+        self._prefix = ip_prefixer(options.ipv4_prefix_length, options.ipv6_prefix_length)
         self._lanes: dict[_LaneKey, _Lane] = {}
 
     def rules_for(self, route: Route | None) -> tuple[LimitRule, ...]:
@@ -213,7 +213,7 @@ class RateLimitCheck:
         return headers
 
 
-def _prefixer(v4: int, v6: int) -> Callable[[str], str]:
+def ip_prefixer(v4: int, v6: int) -> Callable[[str], str]:
     """Client IP → its network (IPv6 clients rotate addresses inside their /64)."""
 
     @lru_cache(maxsize=65536)

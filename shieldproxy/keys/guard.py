@@ -17,7 +17,9 @@ class UnknownKeyGuard:
     nothing, per address, bounds that store work without touching clients whose keys exist.
     The count is per instance (it bounds this instance's lookups, which is the point) and kept
     as one GCRA time per address: `per_minute` misses at once, then one per 60/per_minute s.
-    Clients behind one address (NAT) share its allowance.
+    The caller passes an address per client network (an IPv6 client rotates addresses inside
+    its /64). Clients behind one address (NAT) share its allowance; a secret that named a key
+    before never waits (see KeyRegistry.knows), a key new to this instance may.
     """
 
     def __init__(
@@ -42,13 +44,25 @@ class UnknownKeyGuard:
         if tat is None:
             return None
         wait = tat - self._span - self._clock()
-        return wait if wait > 0 else None
+        return wait if wait > 1e-9 else None  # (sums of intervals drift by a few ulps)
 
-    def missed(self, ip: str) -> None:
-        """A lookup from this address found no key: it counts against the address."""
+    def charge(self, ip: str) -> None:
+        """Count a lookup from this address before it is made (concurrent lookups are counted
+        too); `forgive` it when the key turns out to exist."""
         now = self._clock()
         tat = self._tat.pop(ip, now)
         self._tat[ip] = max(tat, now) + self._interval  # re-inserted: newest last
         if len(self._tat) > self._max_entries:
             # The address seen longest ago goes; forgetting one costs at most one allowance.
             del self._tat[next(iter(self._tat))]
+
+    def forgive(self, ip: str) -> None:
+        """The counted lookup found a key (or never reached the store): it does not count."""
+        tat = self._tat.get(ip)
+        if tat is None:
+            return
+        tat -= self._interval
+        if tat <= self._clock():
+            del self._tat[ip]
+        else:
+            self._tat[ip] = tat

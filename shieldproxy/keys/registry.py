@@ -127,6 +127,10 @@ class KeyRegistry:
             return None
         return entry.view
 
+    def knows(self, secret: str) -> bool:
+        """This secret named an existing key when last looked up (its cache entry may be stale)."""
+        return secret in self._digests
+
     async def lookup(self, secret: str) -> KeyView | None:
         """The key a well-formed secret names, or None if no such key exists."""
         digest = self.hasher.hash(secret)

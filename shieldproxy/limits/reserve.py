@@ -12,7 +12,7 @@ what an instance still holds when its reservation expires (after `horizon`, or a
 the window) goes back to the store ("refund", within half a horizon more). A reserve running
 low (a quarter of its grant spent, or a quarter of its time gone) is refilled by a cost-0 store
 call in the background (see refill), so a steady subject's requests seldom find it empty; it
-then holds up to 7/4 of a grant. The price is an
+then holds up to about two grants. The price is an
 under-admission: units one instance holds are not available to another until they are spent or
 given back, and an instance denied meanwhile caches that denial (see cache.py) until the window
 ends. Both are bounded by the grant size, at most 1/GRANT_SHARE of what was left per instance.
@@ -64,6 +64,7 @@ class Reserve:
     since: float = 0.0
     asking: bool = False  # a store call asking for more is in flight
     granted: int = 0  # units of the last grant (refill() asks again when 1/4 are spent)
+    capped: bool = False  # valid_until is the window's end, not the horizon's
 
 
 class Reservations:
@@ -157,7 +158,7 @@ class Reservations:
         A reserve is low when a quarter of its last grant is spent or a quarter of its time
         has passed. Asking then, in the background, keeps a busy subject on its reserves:
         without it, every reserve runs dry now and then, and the requests that find it so wait
-        for the store. A subject then holds between 3/4 and 7/4 of a grant.
+        for the store. A subject then holds up to about two grants.
         """
         # A store reply can take tens of milliseconds when this process is saturated (several
         # loop turns of queued requests): ask while a quarter of the grant's units and time are
@@ -165,7 +166,9 @@ class Reservations:
         early = self._horizon * 3 / 4
         out: list[tuple[int, int]] | None = None
         for i, r in enumerate(found):
-            if r.asking or (4 * r.left >= 3 * r.granted and now < r.valid_until - early):
+            # Time runs out at a window's end whatever is asked: only units then say "low".
+            timely = r.capped or now < r.valid_until - early
+            if r.asking or (4 * r.left >= 3 * r.granted and timely):
                 continue  # the common case: nothing allocated
             if (units := self._ask(r, now)) > 0:
                 if out is None:
@@ -217,7 +220,8 @@ class Reservations:
             r.stamp = res.stamp
             r.reset_at = now + max(0, res.reset_ms) / 1000
             valid = now + self._horizon
-            if c.strategy in _WINDOWED and r.reset_at < valid:
+            r.capped = c.strategy in _WINDOWED and r.reset_at < valid
+            if r.capped:
                 valid = r.reset_at
             r.valid_until = valid
             heapq.heappush(self._expiry, (valid, next(self._seq), r))
