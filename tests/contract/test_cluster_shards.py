@@ -12,7 +12,7 @@ from shieldproxy.limits import Hit, LimitRule, RateLimiter
 from shieldproxy.limits.keys import limit_key
 from shieldproxy.store import open_store
 from shieldproxy.store.redis import RedisStore
-from tests.fixtures.redis_servers import RedisClusterServers
+from tests.fixtures.redis_servers import RedisClusterServers, RedisServer
 
 # Real servers: a hang must fail this test, never stall the suite.
 pytestmark = pytest.mark.timeout(60)
@@ -70,3 +70,58 @@ def redis_cluster_node(cluster: RedisClusterServers, slot: int) -> str:
             if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
                 return fields[0]
     raise AssertionError(f"no node owns slot {slot}")
+
+
+def _node(cluster: RedisClusterServers, node_id: str) -> RedisServer:
+    for node in cluster.nodes:
+        if node.cli("CLUSTER", "MYID").strip() == node_id:
+            return node
+    raise AssertionError(f"no node {node_id}")
+
+
+def _move_slot(cluster: RedisClusterServers, slot: int, key: str, target_id: str) -> None:
+    """Reshard one slot the way redis-cli does: IMPORTING/MIGRATING, MIGRATE, then NODE."""
+    source_id = redis_cluster_node(cluster, slot)
+    source, target = _node(cluster, source_id), _node(cluster, target_id)
+    assert target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id) == "OK"
+    assert source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id) == "OK"
+    if source.cli("EXISTS", key) == "1":
+        reply = source.cli("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", key)
+        assert reply == "OK", reply
+
+
+def _finish_move(cluster: RedisClusterServers, slot: int, target_id: str) -> None:
+    for node in cluster.nodes:
+        assert node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", target_id) == "OK"
+
+
+async def test_limits_follow_a_slot_resharded_to_another_node(
+    cluster_limiter: tuple[RateLimiter, RedisStore], redis_cluster: RedisClusterServers
+) -> None:
+    """Resharding under traffic: while the slot migrates the source answers ASK for the key it
+    no longer holds, afterwards MOVED. Both must be followed (counts continue on the new node),
+    never surface as a store error (which would put the limit on its fallback)."""
+    limiter, _ = cluster_limiter
+    rule = LimitRule("moving", "key", "fixed_window", 100, 3600)
+    hits = [Hit(rule, "k")]
+    key = limit_key("sp:", rule, "k")
+    slot = key_slot(key.encode())
+    for _ in range(3):
+        assert (await limiter.check(hits)).allowed
+    source_id = redis_cluster_node(redis_cluster, slot)
+    target_id = next(
+        i for i in (n.cli("CLUSTER", "MYID").strip() for n in redis_cluster.nodes) if i != source_id
+    )
+    try:
+        _move_slot(redis_cluster, slot, key, target_id)  # the key is on the target: ASK
+        v = await limiter.check(hits)
+        assert v.allowed and not v.degraded and v.states[0].remaining == 96
+        _finish_move(redis_cluster, slot, target_id)  # the slot is the target's: MOVED
+        v = await limiter.check(hits)
+        assert v.allowed and not v.degraded and v.states[0].remaining == 95
+        assert _node(redis_cluster, target_id).cli("HGET", key, "n") == "5"
+        assert limiter.stats.store_errors == 0
+    finally:  # the cluster is shared by the module's tests: the slot goes home
+        if redis_cluster_node(redis_cluster, slot) != source_id:
+            _move_slot(redis_cluster, slot, key, source_id)
+            _finish_move(redis_cluster, slot, source_id)
