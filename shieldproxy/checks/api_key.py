@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote_plus
 
-from shieldproxy.checks.rate_limit import ip_prefixer
+from shieldproxy.checks.client_ip import ip_prefixer
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision, deny

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from functools import lru_cache
 
 from shieldproxy.context import RequestContext
@@ -78,3 +79,18 @@ def _peer_ip(remote: str | None) -> str:
     if remote is None:
         return "0.0.0.0"  # unix socket or closed transport: no address to key on
     return normalize_ip(remote) or remote
+
+
+def ip_prefixer(v4: int, v6: int) -> Callable[[str], str]:
+    """Client IP → its network (IPv6 clients rotate addresses inside their /64)."""
+
+    @lru_cache(maxsize=65536)
+    def prefix(ip: str) -> str:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        length = v4 if address.version == 4 else v6
+        return str(ipaddress.ip_network(f"{address}/{length}", strict=False))
+
+    return prefix

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
+from shieldproxy.checks.client_ip import ip_prefixer
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
@@ -51,13 +49,13 @@ class _Lane:
     request is answered with a few comparisons and two formatted strings.
     """
 
-    route: Route | None  # held so that the ids in the lane's key stay this object's
+    # Held, so that the ids in the lane's key name these objects for as long as it exists.
+    route: Route | None
     extra: tuple[tuple[LimitRule, str | None], ...]
     hit_set: HitSet | None  # None: no rule applies to this shape
     policy: str = ""  # RateLimit-Policy when admitted from reserves (configured limits)
     shown: tuple[tuple[int, str, int], ...] = ()  # (hit index, quoted name, limit), enforced
-    denial: Decision | None = None  # the answer while the over-limit cache denies...
-    denial_verdict: Verdict | None = None
+    denial: Decision | None = None  # the answer to hit_set.denial...
     denial_wait: int = -1  # ...built for this many whole seconds left
 
 
@@ -91,7 +89,7 @@ class RateLimitCheck:
             return ALLOW
         lane_key = (id(route), id(extra), ctx.client_ip, ctx.key_id, ctx.tenant_id)
         lane = self._lanes.get(lane_key)
-        if lane is None or lane.route is not route or lane.extra is not extra:
+        if lane is None:
             lane = self._new_lane(ctx, lane_key)
         hit_set = lane.hit_set
         if hit_set is None:
@@ -112,12 +110,12 @@ class RateLimitCheck:
             # Still over the limit, and every header would read the same: the same answer.
             limiter.count_cached_denial()
             ctx.limit_hits = hit_set.hits
-            ctx.limit_verdict = lane.denial_verdict
+            ctx.limit_verdict = hit_set.denial
             return lane.denial
         decision = await self._check(ctx, hit_set)
         verdict = ctx.limit_verdict
         if verdict is not None and verdict is hit_set.denial:
-            lane.denial, lane.denial_verdict = decision, verdict
+            lane.denial = decision
             lane.denial_wait = math.ceil(hit_set.denied_until - now)
         return decision
 
@@ -211,18 +209,3 @@ class RateLimitCheck:
         if not self._legacy:
             return [(k, v) for k, v in headers if k not in _LEGACY]
         return headers
-
-
-def ip_prefixer(v4: int, v6: int) -> Callable[[str], str]:
-    """Client IP → its network (IPv6 clients rotate addresses inside their /64)."""
-
-    @lru_cache(maxsize=65536)
-    def prefix(ip: str) -> str:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return ip
-        length = v4 if address.version == 4 else v6
-        return str(ipaddress.ip_network(f"{address}/{length}", strict=False))
-
-    return prefix

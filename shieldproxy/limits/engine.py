@@ -287,13 +287,10 @@ class RateLimiter:
         # Storage keys first: an over-limit flood is answered from the cache below without
         # building a single LimitCall.
         if hit_set is None:
-            keys_ = [self._key(h) for h in hits]
-            if len(set(keys_)) < len(keys_):
-                return await self._check_merged(hits, keys_)
-        else:
-            keys_ = hit_set.keys
-            if not hit_set.distinct:
-                return await self._check_merged(hits, keys_)
+            hit_set = self.hit_set(list(hits))
+        keys_ = hit_set.keys
+        if not hit_set.distinct:
+            return await self._check_merged(hits, keys_)
         reserves = self._reserves
         if reserves is not None:
             taken = reserves.take(hits, keys_, now)
@@ -310,8 +307,7 @@ class RateLimiter:
         if cached is not None:
             self.stats.cache_denied += 1
             verdict = self._cached_denial(hits, cached[1], cached[0] - now)
-            if hit_set is not None:
-                hit_set.denied_until, hit_set.denial = cached[0], verdict
+            hit_set.denied_until, hit_set.denial = cached[0], verdict
             return verdict
         token = f"{self._instance_id}:{next(self._seq)}"
         if reserves is None:
@@ -331,8 +327,7 @@ class RateLimiter:
             raise
         if reserves is not None:
             reserves.settle(keys_, calls, results, now)
-            if hit_set is not None:
-                hit_set.reserves = reserves.lookup(keys_)
+            hit_set.reserves = reserves.lookup(keys_)
         self._degraded = False
         if self._backlog:
             self._owed_to_store()

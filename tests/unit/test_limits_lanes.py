@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-import redis.asyncio as aioredis
 from aiohttp.test_utils import make_mocked_request
 
 from shieldproxy.checks.rate_limit import RateLimitCheck
@@ -20,11 +19,10 @@ from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
 from shieldproxy.limits import Hit, LimiterSettings, LimitRule, RateLimiter, Strategy
 from shieldproxy.limits.engine import ALLOWED_FROM_RESERVES
-from shieldproxy.limits.keys import limit_key
 from shieldproxy.routes import RouteTable
 from shieldproxy.store import Store, open_store
 from shieldproxy.store.base import GRANT_SHARE
-from tests.fixtures.redis_servers import RedisServer
+from tests.limits_helpers import open_roomy, stored_count
 
 # Real servers: a hang must fail the test, never stall the suite.
 pytestmark = pytest.mark.timeout(10)
@@ -32,14 +30,6 @@ pytestmark = pytest.mark.timeout(10)
 # Windows are aligned to epoch time: an hour-long one makes crossing an edge mid-test rare, and
 # clear_of_window_edge() waits out the rest, so counts and "remaining" stay in one window.
 WINDOW = 3600.0
-
-
-@pytest.fixture
-async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
-    raw = aioredis.Redis.from_url(redis_server.url)
-    await raw.flushall()
-    await raw.aclose()
-    yield redis_server.url
 
 
 class Closable(Protocol):
@@ -56,28 +46,11 @@ async def closing() -> AsyncIterator[list[Closable]]:
         await thing.close()
 
 
-def open_roomy(url: str, tmp_path: Path) -> Store:
-    # A generous budget: exact counts must not turn into timeouts on a loaded CI box.
-    return open_store(url, data_dir=tmp_path, timeout_seconds=5.0)
-
-
 async def clear_of_window_edge(margin: float = 3.0) -> None:
     """Wait out a window edge less than `margin` seconds away (Redis TIME is this host's time)."""
     into = time.time() % WINDOW
     if into > WINDOW - margin:
         await asyncio.sleep(WINDOW - into + 0.05)
-
-
-async def stored_count(url: str, rule: LimitRule, subject: str) -> int:
-    """The store's count for the current window (fixed: field n, sliding: field c)."""
-    raw = aioredis.Redis.from_url(url)
-    try:
-        n = await raw.hget(
-            limit_key("sp:", rule, subject), "c" if "sliding" in rule.strategy else "n"
-        )
-        return int(n or 0)
-    finally:
-        await raw.aclose()
 
 
 async def counted_by_a_fresh_limiter(store: Store, rule: LimitRule, subject: str) -> int:

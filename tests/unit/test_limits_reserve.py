@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from shieldproxy.limits import Hit, LimiterSettings, LimitRule, RateLimiter
-from shieldproxy.limits.keys import limit_key
-from shieldproxy.store import Store, open_store
 from shieldproxy.store.base import GRANT_SHARE
-from tests.fixtures.redis_servers import RedisServer
+from tests.limits_helpers import open_roomy, stored_count
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
-    raw = aioredis.Redis.from_url(redis_server.url)
-    await raw.flushall()
-    await raw.aclose()
-    yield redis_server.url
-
-
-def open_roomy(url: str, tmp_path: Path) -> Store:
-    # A generous budget: exact counts must not turn into timeouts on a loaded CI box.
-    return open_store(url, data_dir=tmp_path, timeout_seconds=5.0)
-
-
 def window_rule(name: str, requests: int, strategy: str = "fixed_window") -> LimitRule:
     return LimitRule(name, "key", strategy, requests, 3600)  # type: ignore[arg-type]
-
-
-async def stored_count(url: str, rule: LimitRule, subject: str) -> int:
-    """The store's count for the current window (fixed: field n, sliding: field c)."""
-    raw = aioredis.Redis.from_url(url)
-    try:
-        n = await raw.hget(
-            limit_key("sp:", rule, subject), "c" if "sliding" in rule.strategy else "n"
-        )
-        return int(n or 0)
-    finally:
-        await raw.aclose()
 
 
 async def evalsha_calls(url: str) -> int:
