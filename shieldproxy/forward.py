@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
@@ -24,6 +25,7 @@ from shieldproxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from shieldproxy.responses import whole_answer
 from shieldproxy.upstream import ResponseHead, UpstreamConnection, UpstreamPool
 
 HOP_BY_HOP = frozenset(
@@ -91,6 +93,8 @@ _CHECK_FIELDS = frozenset(
     }
 )
 _SMALL_BODY = 64 * 1024
+# Response fields the one-write path must look at (everything else is copied as received).
+_NOTED_RESPONSE = SKIP_RESPONSE | _CHECK_FIELDS | {b"x-request-id", b"server", b"date"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,7 @@ class Forwarder:
         self._host_line = f"Host: {netloc}\r\n".encode("latin-1")
         self._base_path = upstream_url.raw_path.rstrip("/")
         self._charge = settings.charge_header.lower().encode("latin-1")
+        self._noted = _NOTED_RESPONSE | {self._charge} if self._charge else _NOTED_RESPONSE
 
     async def forward(self, ctx: RequestContext) -> web.StreamResponse:
         request = ctx.request
@@ -276,8 +281,12 @@ class Forwarder:
     async def _respond(
         self, ctx: RequestContext, conn: UpstreamConnection, head: ResponseHead
     ) -> web.StreamResponse:
-        headers = self._response_headers(ctx, head)
         status = head.status
+        if conn.complete and status not in (204, 304) and ctx.request.method != "HEAD":
+            whole = self._whole(ctx, head, conn)
+            if whole is not None:
+                return whole
+        headers = self._response_headers(ctx, head)
         if conn.complete:
             if ctx.request.method == "HEAD" or status in (204, 304):
                 empty = web.Response(status=status, headers=headers)
@@ -305,6 +314,57 @@ class Forwarder:
             conn.close()
             ctx.client_gone = True
         return response
+
+    def _whole(
+        self, ctx: RequestContext, head: ResponseHead, conn: UpstreamConnection
+    ) -> web.StreamResponse | None:
+        """A complete upstream answer copied as received, with our fields, in one write.
+
+        Why: the common answer is small and already whole in memory, and aiohttp's Response
+        would decode every field to str, keep them in a multidict, then validate and encode
+        them again; its cost grows with every field, and a limited route adds five.
+        None when a rare case needs `_response_headers` (fields named by `Connection`, an
+        upstream sending a field checks set too, an unusual status or suspicious bytes).
+        """
+        noted = self._noted
+        out: list[bytes] = []
+        has_server = has_date = False
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname in noted:
+                if lname == b"date":
+                    has_date = True
+                elif lname == b"server":
+                    has_server = True
+                elif lname == b"connection":
+                    if value.lower() not in _PLAIN_CONNECTION:
+                        return None
+                    continue
+                elif lname == self._charge:
+                    if value.strip().isdigit():
+                        ctx.upstream_charge = int(value)
+                elif lname in _CHECK_FIELDS:
+                    return None
+                else:  # hop-by-hop, Content-Length, X-Request-Id: not copied
+                    continue
+            out += (name, b": ", value, b"\r\n")
+        lines = len(out) // 4
+        ours = [("X-Request-Id", ctx.request_id)]
+        if ctx.response_headers:
+            ours += ctx.response_headers
+        if not has_server:
+            ours.append(("Server", "shieldproxy"))
+        if not has_date:
+            ours.append(("Date", rfc822_formatted_time()))
+        out.append("".join([f"{n}: {v}\r\n" for n, v in ours]).encode("latin-1", "replace"))
+        return whole_answer(
+            ctx.request,
+            head.status,
+            b"".join(out),
+            lines + len(ours),
+            conn.take_body(),
+            keep_alive=ctx.request.keep_alive,
+        )
 
     def _response_headers(self, ctx: RequestContext, head: ResponseHead) -> CIMultiDict[str]:
         extra: frozenset[bytes] = frozenset()

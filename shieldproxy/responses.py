@@ -16,7 +16,8 @@ from shieldproxy.decision import Decision
 # The rest of the request is unread (or, after a refused CONNECT, not HTTP at all).
 _CLOSE_AFTER = frozenset({400, 405, 408, 413, 414, 431})
 _STATUS_LINES = {
-    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii")
+    for status in HTTPStatus
 }
 _FIXED_FIELDS = "Content-Type: application/json\r\nServer: shieldproxy\r\n"
 
@@ -48,6 +49,37 @@ class WholeAnswer(web.StreamResponse):
         return None  # written whole by prepare()
 
 
+def whole_answer(
+    request: BaseRequest, status: int, fields: bytes, lines: int, body: bytes, *, keep_alive: bool
+) -> WholeAnswer | None:
+    """`fields` (`lines` field lines, each ending in CRLF; no Content-Length or Connection)
+    and `body` as one WholeAnswer, or None when only aiohttp's Response may send them.
+
+    None for a status without a standard reason phrase, and for fields holding any CR, LF
+    or NUL besides the line ends: that came from a name or a value (header injection), and
+    aiohttp's Response refuses it.
+    """
+    line = _STATUS_LINES.get(status)
+    if (
+        line is None
+        or fields.count(b"\n") != lines
+        or fields.count(b"\r") != lines
+        or b"\x00" in fields
+    ):
+        return None
+    if request.version < (1, 1):
+        line = b"HTTP/1.0" + line[8:]
+        if keep_alive:
+            fields += b"Connection: keep-alive\r\n"
+    elif not keep_alive:
+        fields += b"Connection: close\r\n"
+    if request.method == "HEAD":
+        raw = b"%b%bContent-Length: %d\r\n\r\n" % (line, fields, len(body))
+    else:
+        raw = b"%b%bContent-Length: %d\r\n\r\n%b" % (line, fields, len(body), body)
+    return WholeAnswer(status, raw, keep_alive=keep_alive)
+
+
 def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse:
     """The contract's JSON error body, with the decision's headers."""
     request = ctx.request
@@ -58,31 +90,16 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
     status = decision.status
     fields = _fields(ctx, decision)
     keep_alive = request.keep_alive and status not in _CLOSE_AFTER
-    line = _STATUS_LINES.get(status)
-    text = "".join(fields)
-    # Each field line ends in the one CRLF added above: any other CR or LF (or a NUL) came from
-    # a name or a value (header injection), and aiohttp's Response refuses it.
-    if (
-        line is None
-        or text.count("\n") != len(fields)
-        or text.count("\r") != len(fields)
-        or "\x00" in text
-    ):
-        return _response(ctx, decision, body, keep_alive)
-    if request.version < (1, 1):
-        line = "HTTP/1.0" + line[8:]
-        if keep_alive:
-            text += "Connection: keep-alive\r\n"
-    elif not keep_alive:
-        text += "Connection: close\r\n"
-    head = (
-        f"{line}{_FIXED_FIELDS}Date: {rfc822_formatted_time()}\r\n{text}"
-        f"Content-Length: {len(body)}\r\n\r\n"
+    text = f"{_FIXED_FIELDS}Date: {rfc822_formatted_time()}\r\n{''.join(fields)}"
+    answer = whole_answer(
+        request,
+        status,
+        text.encode("latin-1", "replace"),
+        len(fields) + 3,
+        body,
+        keep_alive=keep_alive,
     )
-    raw = head.encode("latin-1", "replace")
-    if request.method != "HEAD":
-        raw += body
-    return WholeAnswer(status, raw, keep_alive=keep_alive)
+    return answer or _response(ctx, decision, body, keep_alive)
 
 
 def _fields(ctx: RequestContext, decision: Decision) -> list[str]:
