@@ -249,7 +249,8 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
         "Rate-limit engine events: checks, denied, cache_denied (no storage call), "
         "shadow_denied, degraded (answered by fallback), reserved (admitted from units reserved "
         "ahead, no storage call), refills (background calls reserving more for a busy subject), "
-        "given_back (reserved units returned unspent), errors.",
+        "given_back (reserved units returned unspent), renewed (concurrency leases extended for "
+        "requests outliving half a lease), errors.",
         labels=["event"],
     )
     for name, n in sorted(m.limiter.items()):

@@ -238,6 +238,20 @@ class MemoryCounters:
             gone = {f"{c.token}:{i}" for i in range(1, c.cost + 1)}
             e.zset = [item for item in e.zset if item[1] not in gone]
 
+    def renew(self, calls: Sequence[LimitCall], now: int) -> None:
+        """Extend concurrency leases still held to `window` from now (limits.lua "renew"); a
+        lease past its expiry stays gone: its slot may be someone else's now."""
+        for c in calls:
+            e = self._entries.get(c.key)
+            if e is None or c.strategy != "concurrency":
+                continue
+            _zset_purge(e, now)
+            held = {f"{c.token}:{i}" for i in range(1, c.cost + 1)}
+            if any(member in held for _, member in e.zset):
+                expiry = now + c.window_ms
+                e.zset = sorted((expiry if m in held else s, m) for s, m in e.zset)
+                e.expires_ms = max(e.expires_ms, expiry)
+
     def _entry_for(self, c: LimitCall, fresh: dict[str, _Entry]) -> _Entry:
         if c.strategy != "quota":
             return self._entry(c.key)

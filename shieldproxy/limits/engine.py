@@ -100,6 +100,8 @@ class LimiterStats:
     degraded: int = 0  # answered by fallback
     store_errors: int = 0
     release_errors: int = 0
+    renewed: int = 0  # concurrency leases extended because their request outlived half of one
+    renew_errors: int = 0
     charge_errors: int = 0
     quota_owed: int = 0  # quota units admitted during an outage, queued for the store
     quota_recharged: int = 0  # ... of which charged to the store after it recovered
@@ -170,6 +172,8 @@ class RateLimiter:
         self._instance_id = uuid.uuid4().hex
         self._seq = itertools.count()
         self._leases: dict[str, Lease] = {}
+        self._lease_due: dict[str, float] = {}  # token -> clock time its renewal is due
+        self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -194,6 +198,10 @@ class RateLimiter:
 
     async def close(self) -> None:
         self._closing = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+            self._renewer = None
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
@@ -396,6 +404,7 @@ class RateLimiter:
         """Free a lease's concurrency slots. Idempotent; never raises; survives cancellation."""
         if self._leases.pop(lease.token, None) is None:
             return
+        self._lease_due.pop(lease.token, None)
         if lease.local:
             self._local.release(lease.calls)
             return
@@ -482,7 +491,7 @@ class RateLimiter:
             )
             lease = Lease(token, held, degraded) if held else None
             if lease is not None:
-                self._leases[token] = lease
+                self._hold(lease)
             return Verdict(True, "", states, None, degraded, lease)
         self.stats.denied += 1
         # The longest wait decides: retrying sooner would be denied by that limit again.
@@ -532,6 +541,55 @@ class RateLimiter:
         if verdict.allowed:
             self._owe(calls)
         return verdict
+
+    # ---- concurrency leases outliving half their length ------------------------------------------
+
+    def _hold(self, lease: Lease) -> None:
+        """Keep a lease until release(), renewing it while its request runs.
+
+        Why: a lease expires by itself so that a crashed instance cannot keep slots for good,
+        but a request that runs longer than the lease (a streamed AI answer, a slow upload)
+        would then lose its slot while still in flight, and one more request would be let in.
+        """
+        self._leases[lease.token] = lease
+        self._lease_due[lease.token] = self._clock() + _half_lease(lease)
+        if self._renewer is None and not self._closing:
+            self._renewer = asyncio.create_task(self._renew_loop())
+
+    async def _renew_loop(self) -> None:
+        try:
+            while self._leases:
+                shortest = min(_half_lease(lease) for lease in self._leases.values())
+                # A lease is renewed between half and five eighths of its length.
+                await asyncio.sleep(min(max(shortest / 4, 0.05), 5.0))
+                await self.renew_due()
+        finally:
+            self._renewer = None
+
+    async def renew_due(self) -> None:
+        """Renew every lease past half its length (the loop above calls this; tests may)."""
+        now = self._clock()
+        due = [
+            lease for token, lease in self._leases.items() if self._lease_due.get(token, now) <= now
+        ]
+        if not due:
+            return
+        remote = [c for lease in due if not lease.local for c in lease.calls]
+        local = [c for lease in due if lease.local for c in lease.calls]
+        if local:
+            self._local.renew(local, self._now_ms())
+        if remote:
+            try:
+                await self._store.renew(remote)
+            except StoreError as exc:
+                # Asked again on the next pass; a lease has half its length left for that.
+                self.stats.renew_errors += 1
+                log.warning("could not renew %d concurrency leases: %s", len(due), exc)
+                return
+        for lease in due:
+            if lease.token in self._leases:  # not released meanwhile
+                self._lease_due[lease.token] = now + _half_lease(lease)
+        self.stats.renewed += len(due)
 
     async def _release_remote(self, lease: Lease) -> None:
         try:
@@ -671,6 +729,10 @@ def _reserved_verdict(hits: Sequence[Hit], taken: Sequence[Reserve], now: float)
         for h, r in zip(hits, taken, strict=True)
     )
     return Verdict(True, "", states, None, False, None)
+
+
+def _half_lease(lease: Lease) -> float:
+    return min(c.window_ms for c in lease.calls) / 2000
 
 
 def _code(strategy: Strategy) -> str:

@@ -64,6 +64,9 @@ class LocalFallback:
     def release(self, calls: Sequence[LimitCall]) -> None:
         self._counters.release(calls)
 
+    def renew(self, calls: Sequence[LimitCall], now_ms: int) -> None:
+        self._counters.renew(calls, now_ms)
+
 
 def _passed(call: LimitCall, wall_ms: int) -> CallResult:
     if call.strategy == "quota":

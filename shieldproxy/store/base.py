@@ -148,6 +148,11 @@ class Store(abc.ABC):
         """Free the concurrency leases named by (key, token, cost); unknown leases are ignored."""
 
     @abc.abstractmethod
+    async def renew(self, calls: Sequence[LimitCall]) -> None:
+        """Extend the concurrency leases named by (key, token, cost) that are still held to
+        each call's window from now; a lease that has already expired stays gone."""
+
+    @abc.abstractmethod
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:
         """Mark this instance alive for ttl_seconds (<= 0: leave now); return how many are alive."""
 

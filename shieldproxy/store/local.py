@@ -95,6 +95,9 @@ class LocalStore(Store):
     async def release(self, calls: Sequence[LimitCall]) -> None:
         self._counters.release(calls)
 
+    async def renew(self, calls: Sequence[LimitCall]) -> None:
+        self._counters.renew(calls, self._now_ms())
+
     async def _load(self) -> None:
         # One load shared by every caller that arrives before it finishes; a failed load
         # (StoreUnavailable) is retried by the next call.

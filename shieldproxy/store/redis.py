@@ -418,6 +418,9 @@ class RedisStore(RedisRecords, Store):
     async def release(self, calls: Sequence[LimitCall]) -> None:
         await self._write([c for c in calls if c.strategy == "concurrency"], "release")
 
+    async def renew(self, calls: Sequence[LimitCall]) -> None:
+        await self._write([c for c in calls if c.strategy == "concurrency"], "renew")
+
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:
         now = self._now_ms()
         ttl_ms = max(1, round(ttl_seconds * 1000))

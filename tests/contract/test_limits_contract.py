@@ -119,6 +119,41 @@ async def test_concurrency_lease_release_and_expiry(limiter: RateLimiter, clock:
     assert v.allowed and v.states[0].remaining == 1
 
 
+async def test_concurrency_leases_are_renewed_while_their_requests_run(
+    limiter: RateLimiter, clock: FakeClock
+) -> None:
+    r = rule("concurrency", 1, 10)
+    a = await go(limiter, Hit(r, "t"))
+    assert a.allowed and a.lease is not None
+    clock.advance(4)
+    await limiter.renew_due()
+    assert limiter.stats.renewed == 0  # not half a lease old yet
+    clock.advance(2)
+    await limiter.renew_due()
+    assert limiter.stats.renewed == 1  # at 6 s: now held until 16 s
+    clock.advance(8)  # 14 s: past the lease as granted
+    v = await go(limiter, Hit(r, "t"))
+    assert not v.allowed and v.code == "concurrency_limited"
+    await limiter.release(a.lease)
+    assert (await go(limiter, Hit(r, "t"))).allowed
+
+
+async def test_an_expired_lease_is_not_brought_back_by_renewing(
+    limiter: RateLimiter, clock: FakeClock
+) -> None:
+    """A lease that expired (say, its instance stalled) may have had its slot taken: renewing it
+    late must not make two requests hold one slot."""
+    r = rule("concurrency", 1, 10)
+    late = await go(limiter, Hit(r, "t"))
+    clock.advance(11)
+    taker = await go(limiter, Hit(r, "t"))  # the expired lease's slot, taken
+    assert late.allowed and taker.allowed and taker.lease is not None
+    await limiter.renew_due()  # the late lease is due (and gone from the store)
+    await limiter.release(taker.lease)
+    v = await go(limiter, Hit(r, "t"))
+    assert v.allowed, "the late lease came back and holds the only slot"
+
+
 async def test_denied_request_consumes_nothing(limiter: RateLimiter) -> None:
     wide = rule("fixed_window", 5, 60, name="wide")
     narrow = rule("sliding_window", 1, 60, name="narrow")

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.client import get
@@ -146,6 +147,34 @@ def test_four_workers_on_one_redis_forward_exactly_the_limit(
     wait_workers(proxy, 4)
     statuses = asyncio.run(burst(proxy.port, 1000))
     assert statuses == Counter({200: 100, 429: 900})
+
+
+def test_a_concurrency_slot_is_held_as_long_as_its_request_runs(
+    proxy_factory: ProxyFactory, flush_redis: RedisServer
+) -> None:
+    """One slot with a 1 s lease: a request running 2.5 s keeps it past the lease (renewed), so
+    a second request meanwhile is turned away; once the first ends, the slot is free again."""
+    proxy = proxy_factory(limit_config("concurrency", 1, 1), args=("--store", flush_redis.url))
+
+    async def scenario() -> tuple[int, int, str, int]:
+        async with aiohttp.ClientSession() as session:
+
+            async def fetch(path: str) -> tuple[int, dict[str, object]]:
+                async with session.get(f"http://127.0.0.1:{proxy.port}{path}") as response:
+                    body = await response.read()
+                    is_json = response.content_type == "application/json"
+                    return response.status, orjson.loads(body) if is_json else {}
+
+            slow = asyncio.create_task(fetch("/slow?seconds=2.5"))
+            await asyncio.sleep(1.7)  # the first lease, as granted, ended 0.7 s ago
+            during, denial = await fetch("/x")
+            slow_status, _ = await slow
+            after, _ = await fetch("/x")
+            code = denial.get("error", {}).get("code", "")  # type: ignore[union-attr]
+            return slow_status, during, str(code), after
+
+    slow_status, during, code, after = asyncio.run(scenario())
+    assert (slow_status, during, code, after) == (200, 429, "concurrency_limited", 200)
 
 
 def wait_workers(proxy: Proxy, count: int) -> None:

@@ -159,6 +159,26 @@ async def test_release_and_charge_never_raise_when_store_is_down(
     assert limiter.stats.release_errors == 1 and limiter.stats.charge_errors == 1
 
 
+async def test_a_lease_renewal_that_fails_is_asked_again_after_recovery(
+    store: Store, fault_redis: RedisServer
+) -> None:
+    t = [1000.0]
+    limiter = RateLimiter(store, clock=lambda: t[0])
+    conc = LimitRule("conc", "ip", "concurrency", 1, 10)
+    v = await limiter.check([Hit(conc, "x")])
+    assert v.lease is not None
+    fault_redis.kill9()
+    t[0] += 6  # past half the 10 s lease
+    await limiter.renew_due()  # never raises
+    assert (limiter.stats.renew_errors, limiter.stats.renewed) == (1, 0)
+    fault_redis.restart_empty()
+    await asyncio.sleep(COOLDOWN + 0.05)  # the breaker lets calls through again
+    await limiter.renew_due()  # still due: asked again
+    assert (limiter.stats.renew_errors, limiter.stats.renewed) == (1, 1)
+    await limiter.release(v.lease)
+    await limiter.close()
+
+
 async def test_concurrent_checks_share_one_round_trip(
     roomy: RedisStore, fault_redis: RedisServer
 ) -> None:

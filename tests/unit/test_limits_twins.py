@@ -90,7 +90,7 @@ def test_memory_is_bounded_and_swept() -> None:
 @dataclass(frozen=True)
 class Op:
     advance_ms: int
-    kind: str  # acquire | charge | release | refund
+    kind: str  # acquire | charge | release | renew | refund
     rules: tuple[int, ...]
     cost: int
     subject: int
@@ -116,7 +116,7 @@ rule_st = st.builds(
 op_st = st.builds(
     Op,
     st.one_of(st.just(0), st.integers(0, 400), st.integers(0, 3500)),
-    st.sampled_from(["acquire"] * 6 + ["charge", "release", "refund"]),
+    st.sampled_from(["acquire"] * 6 + ["charge", "release", "renew", "refund"]),
     st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).map(tuple),
     st.integers(0, 3),
     st.integers(0, 1),
@@ -184,6 +184,10 @@ async def _agree(url: str, tmp_path: Path, rules: list[LimitRule], ops: list[Op]
             elif op.kind == "charge":
                 twin.charge(calls, now[0])
                 await store.charge(calls)
+            elif op.kind == "renew":
+                if held:  # the oldest lease still held: it may have expired meanwhile
+                    twin.renew(held[0], now[0])
+                    await store.renew(held[0])
             elif held:
                 twin.release(held[0])
                 await store.release(held.pop(0))
