@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 import orjson
@@ -19,6 +20,8 @@ _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii")
     for status in HTTPStatus
 }
+# Control bytes aiohttp's Response refuses in a field (CR and LF are counted separately).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FIXED_FIELDS = "Content-Type: application/json\r\nServer: shieldproxy\r\n"
 
 
@@ -55,16 +58,17 @@ def whole_answer(
     """`fields` (`lines` field lines, each ending in CRLF; no Content-Length or Connection)
     and `body` as one WholeAnswer, or None when only aiohttp's Response may send them.
 
-    None for a status without a standard reason phrase, and for fields holding any CR, LF
-    or NUL besides the line ends: that came from a name or a value (header injection), and
-    aiohttp's Response refuses it.
+    None for a status without a standard reason phrase, and for fields holding any CR or LF
+    besides the line ends, or another control byte but tab: that came from a name or a value
+    (header injection, or bytes a client may read as a line end), and aiohttp's Response
+    refuses it.
     """
     line = _STATUS_LINES.get(status)
     if (
         line is None
         or fields.count(b"\n") != lines
         or fields.count(b"\r") != lines
-        or b"\x00" in fields
+        or _CONTROL.search(fields) is not None
     ):
         return None
     if request.version < (1, 1):

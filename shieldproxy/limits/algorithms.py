@@ -240,17 +240,30 @@ class MemoryCounters:
 
     def renew(self, calls: Sequence[LimitCall], now: int) -> None:
         """Extend concurrency leases still held to `window` from now (limits.lua "renew"); a
-        lease past its expiry stays gone: its slot may be someone else's now."""
+        lease past its expiry stays gone: its slot may be someone else's now.
+
+        One pass per key however many of its leases are due (a busy route may hold thousands).
+        """
+        held: dict[str, tuple[int, set[str]]] = {}
         for c in calls:
-            e = self._entries.get(c.key)
-            if e is None or c.strategy != "concurrency":
-                continue
+            if c.strategy == "concurrency" and c.key in self._entries:
+                members = held.setdefault(c.key, (c.window_ms, set()))[1]
+                members.update(f"{c.token}:{i}" for i in range(1, c.cost + 1))
+        for key, (window_ms, members) in held.items():
+            e = self._entries[key]
+            self._entries.move_to_end(key)  # in use: the last entry to evict
             _zset_purge(e, now)
-            held = {f"{c.token}:{i}" for i in range(1, c.cost + 1)}
-            if any(member in held for _, member in e.zset):
-                expiry = now + c.window_ms
-                e.zset = sorted((expiry if m in held else s, m) for s, m in e.zset)
-                e.expires_ms = max(e.expires_ms, expiry)
+            kept = [item for item in e.zset if item[1] not in members]
+            if len(kept) == len(e.zset):
+                continue
+            expiry = now + window_ms
+            renewed: list[tuple[float, str]] = sorted(
+                (expiry, m) for _, m in e.zset if m in members
+            )
+            # Every live lease expires by now + window, so the renewed ones sort last (ties
+            # with a lease granted just now are ordered by member, as in a sorted set).
+            e.zset = kept + renewed if not kept or kept[-1] < renewed[0] else sorted(kept + renewed)
+            e.expires_ms = max(e.expires_ms, expiry)
 
     def _entry_for(self, c: LimitCall, fresh: dict[str, _Entry]) -> _Entry:
         if c.strategy != "quota":

@@ -561,8 +561,11 @@ class RateLimiter:
             while self._leases:
                 shortest = min(_half_lease(lease) for lease in self._leases.values())
                 # A lease is renewed between half and five eighths of its length.
-                await asyncio.sleep(min(max(shortest / 4, 0.05), 5.0))
-                await self.renew_due()
+                await asyncio.sleep(min(max(shortest / 4, 0.005), 5.0))
+                try:
+                    await self.renew_due()
+                except Exception:  # a bug here must not stop renewing every lease for good
+                    log.exception("renewing concurrency leases failed")
         finally:
             self._renewer = None
 
@@ -572,24 +575,30 @@ class RateLimiter:
         due = [
             lease for token, lease in self._leases.items() if self._lease_due.get(token, now) <= now
         ]
-        if not due:
-            return
-        remote = [c for lease in due if not lease.local for c in lease.calls]
-        local = [c for lease in due if lease.local for c in lease.calls]
+        local = [lease for lease in due if lease.local]
         if local:
-            self._local.renew(local, self._now_ms())
-        if remote:
+            self._local.renew([c for lease in local for c in lease.calls], self._now_ms())
+            self._renewed(local, now)
+        remote = [lease for lease in due if not lease.local]
+        # In slices: leases granted together fall due together, and one script call must stay
+        # small enough for the per-call budget (and must not hold Redis up).
+        for start in range(0, len(remote), _RENEW_SLICE):
+            part = remote[start : start + _RENEW_SLICE]
             try:
-                await self._store.renew(remote)
+                await self._store.renew([c for lease in part for c in lease.calls])
             except StoreError as exc:
                 # Asked again on the next pass; a lease has half its length left for that.
                 self.stats.renew_errors += 1
-                log.warning("could not renew %d concurrency leases: %s", len(due), exc)
+                if self.stats.renew_errors & (self.stats.renew_errors - 1) == 0:  # 1, 2, 4, 8...
+                    log.warning("could not renew %d concurrency leases: %s", len(part), exc)
                 return
-        for lease in due:
+            self._renewed(part, now)
+
+    def _renewed(self, leases: list[Lease], now: float) -> None:
+        for lease in leases:
             if lease.token in self._leases:  # not released meanwhile
                 self._lease_due[lease.token] = now + _half_lease(lease)
-        self.stats.renewed += len(due)
+        self.stats.renewed += len(leases)
 
     async def _release_remote(self, lease: Lease) -> None:
         try:
@@ -729,6 +738,9 @@ def _reserved_verdict(hits: Sequence[Hit], taken: Sequence[Reserve], now: float)
         for h, r in zip(hits, taken, strict=True)
     )
     return Verdict(True, "", states, None, False, None)
+
+
+_RENEW_SLICE = 256  # leases per renewal call
 
 
 def _half_lease(lease: Lease) -> float:

@@ -226,3 +226,16 @@ def test_token_bucket_gets_back_only_what_time_has_not_refilled() -> None:
     r = m.acquire([c], T0 + 200)[0]
     m.refund([dataclasses.replace(c, cost=r.granted, extra=0)], [r.stamp], T0 + 200)
     assert m.acquire([dataclasses.replace(c, cost=0, extra=0)], T0 + 200)[0].remaining == 99
+
+
+def test_renewing_many_leases_of_one_key_keeps_exactly_those() -> None:
+    """A busy route's leases fall due together: renewed in one pass, still in order, and only
+    the renewed ones outlive their first expiry."""
+    m = MemoryCounters()
+    lease = [call("concurrency", 5000, 1000, token=f"t{i}") for i in range(2000)]
+    for i, c in enumerate(lease):
+        assert m.acquire([c], T0 + i % 10)[0].allowed
+    m.renew(lease[::2], T0 + 600)  # every other one, at 600 ms
+    peek = dataclasses.replace(lease[0], cost=0, token="peek")
+    assert m.acquire([peek], T0 + 1500)[0].remaining == 5000 - 1000
+    assert m.acquire([peek], T0 + 1600)[0].remaining == 5000  # renewed to 1600 ms: gone now

@@ -12,10 +12,11 @@ from http import HTTPStatus
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import Decision, deny
-from shieldproxy.responses import WholeAnswer, deny_response
+from shieldproxy.responses import WholeAnswer, deny_response, whole_answer
 
 WAIT = 3.0  # seconds: the bound on every network wait
 DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
@@ -383,3 +384,14 @@ async def test_crlf_in_a_field_is_refused(
 ) -> None:
     """A CRLF pair is the most direct header injection of all: it must be refused too."""
     await _assert_not_injected(deny(403, "forbidden", "No", headers=headers), added)
+
+
+@pytest.mark.parametrize("byte", [0x00, 0x01, 0x08, 0x0B, 0x0C, 0x1B, 0x1F, 0x7F])
+def test_control_bytes_in_fields_are_left_to_aiohttps_checks(byte: int) -> None:
+    """Bytes some clients read as line ends, or that aiohttp's Response refuses, never go out
+    in a whole answer (it says None, and the caller falls back)."""
+    request = make_mocked_request("GET", "/")
+    ok = whole_answer(request, 200, b"X-A: a\tb\r\n", 1, b"", keep_alive=True)
+    assert isinstance(ok, WholeAnswer)  # tab is allowed
+    bad = b"X-A: a%cb\r\n" % byte
+    assert whole_answer(request, 200, bad, 1, b"", keep_alive=True) is None
