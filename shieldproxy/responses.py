@@ -23,6 +23,7 @@ _STATUS_LINES = {
 # Control bytes aiohttp's Response refuses in a field (CR and LF are counted separately).
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FIXED_FIELDS = "Content-Type: application/json\r\nServer: shieldproxy\r\n"
+_FIXED_LINES = _FIXED_FIELDS.count("\n") + 1  # and Date
 
 
 class WholeAnswer(web.StreamResponse):
@@ -99,7 +100,7 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
         request,
         status,
         text.encode("latin-1", "replace"),
-        len(fields) + 3,
+        len(fields) + _FIXED_LINES,
         body,
         keep_alive=keep_alive,
     )

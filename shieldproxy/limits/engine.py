@@ -32,6 +32,7 @@ from shieldproxy.store.base import (
 log = logging.getLogger(__name__)
 
 _Template = tuple[LimitRule, str, str, int, int, int]
+_RENEW_SLICE = 256  # concurrency leases per renewal call
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +172,8 @@ class RateLimiter:
         self._settling: asyncio.Task[None] | None = None
         self._instance_id = uuid.uuid4().hex
         self._seq = itertools.count()
-        self._leases: dict[str, Lease] = {}
-        self._lease_due: dict[str, float] = {}  # token -> clock time its renewal is due
+        # token -> (lease held by a request in flight, clock time its renewal is due)
+        self._leases: dict[str, tuple[Lease, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -216,7 +217,7 @@ class RateLimiter:
             # Refills still in flight first: what they reserve is given back with the rest.
             await asyncio.gather(*self._background, return_exceptions=True)
             await self._give_back(self._reserves.drain())
-        for lease in list(self._leases.values()):
+        for lease, _ in list(self._leases.values()):
             await self.release(lease)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -404,7 +405,6 @@ class RateLimiter:
         """Free a lease's concurrency slots. Idempotent; never raises; survives cancellation."""
         if self._leases.pop(lease.token, None) is None:
             return
-        self._lease_due.pop(lease.token, None)
         if lease.local:
             self._local.release(lease.calls)
             return
@@ -551,15 +551,14 @@ class RateLimiter:
         but a request that runs longer than the lease (a streamed AI answer, a slow upload)
         would then lose its slot while still in flight, and one more request would be let in.
         """
-        self._leases[lease.token] = lease
-        self._lease_due[lease.token] = self._clock() + _half_lease(lease)
+        self._leases[lease.token] = (lease, self._clock() + _half_lease(lease))
         if self._renewer is None and not self._closing:
             self._renewer = asyncio.create_task(self._renew_loop())
 
     async def _renew_loop(self) -> None:
         try:
             while self._leases:
-                shortest = min(_half_lease(lease) for lease in self._leases.values())
+                shortest = min(_half_lease(lease) for lease, _ in self._leases.values())
                 # A lease is renewed between half and five eighths of its length.
                 await asyncio.sleep(min(max(shortest / 4, 0.005), 5.0))
                 try:
@@ -572,9 +571,7 @@ class RateLimiter:
     async def renew_due(self) -> None:
         """Renew every lease past half its length (the loop above calls this; tests may)."""
         now = self._clock()
-        due = [
-            lease for token, lease in self._leases.items() if self._lease_due.get(token, now) <= now
-        ]
+        due = [lease for lease, due_at in self._leases.values() if due_at <= now]
         local = [lease for lease in due if lease.local]
         if local:
             self._local.renew([c for lease in local for c in lease.calls], self._now_ms())
@@ -597,7 +594,7 @@ class RateLimiter:
     def _renewed(self, leases: list[Lease], now: float) -> None:
         for lease in leases:
             if lease.token in self._leases:  # not released meanwhile
-                self._lease_due[lease.token] = now + _half_lease(lease)
+                self._leases[lease.token] = (lease, now + _half_lease(lease))
         self.stats.renewed += len(leases)
 
     async def _release_remote(self, lease: Lease) -> None:
@@ -738,9 +735,6 @@ def _reserved_verdict(hits: Sequence[Hit], taken: Sequence[Reserve], now: float)
         for h, r in zip(hits, taken, strict=True)
     )
     return Verdict(True, "", states, None, False, None)
-
-
-_RENEW_SLICE = 256  # leases per renewal call
 
 
 def _half_lease(lease: Lease) -> float:

@@ -207,10 +207,8 @@ class Reservations:
             res = results[i]
             if res.granted <= 0:
                 continue
-            if r.left > 0 and (r.stamp != res.stamp or now >= r.valid_until):
-                self._owe(r, now=now)
-            if r.left > 0 and r.limit != c.limit:
-                self._owe(r, now=now)
+            if r.left > 0 and (r.stamp != res.stamp or now >= r.valid_until or r.limit != c.limit):
+                self._owe(r, now=now)  # units of another window or limit: back to the store
             r.call = c
             r.limit = c.limit
             r.left += res.granted
