@@ -10,6 +10,7 @@ import click
 from shieldproxy import __version__
 from shieldproxy.cli_admin import COMMANDS as ADMIN_COMMANDS
 from shieldproxy.config import ConfigError, load_config
+from shieldproxy.store.urls import redact
 
 _LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
@@ -80,7 +81,8 @@ def check_config(config_path: str | None) -> None:
         _fail(exc.problems)
     click.echo(
         f"config OK: upstream {config.upstream.url}, listen {config.server.listen}, "
-        f"store {config.store.url}, {len(config.routes)} routes, {len(config.limits)} limits"
+        f"store {redact(config.store.url)}, {len(config.routes)} routes, "
+        f"{len(config.limits)} limits"
     )
 
 

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from shieldproxy.limits.model import LimitRule
+from shieldproxy.store.urls import SCHEMES, parse_redis_url
 
 ENV_PREFIX = "SHIELDPROXY_"
 DEFAULT_CONFIG_FILE = "shieldproxy.toml"
@@ -136,7 +137,11 @@ class UpstreamConfig(Section):
 
 
 class StoreConfig(Section):
-    url: str = Field("local", description="local | redis://... | rediss://... | redis+cluster://")
+    url: str = Field(
+        "local",
+        description="local | redis[s]://[user:password@]host:port/db | "
+        "redis[s]+cluster://[user:password@]host:port,host:port (TLS options as query)",
+    )
     prefix: str = Field("sp:", min_length=1, description="prefix of every Redis key")
     timeout_seconds: Seconds = Field(0.05, description="per storage call on the hot path")
     on_store_error: Literal["local", "open", "closed"] = "local"
@@ -146,8 +151,14 @@ class StoreConfig(Section):
     @field_validator("url")
     @classmethod
     def _valid_store(cls, value: str) -> str:
-        if value != "local" and not value.startswith(("redis://", "rediss://", "redis+cluster://")):
-            raise ValueError("must be local, redis://..., rediss://... or redis+cluster://...")
+        if value == "local":
+            return value
+        if not value.startswith(tuple(f"{scheme}://" for scheme in SCHEMES)):
+            raise ValueError(
+                "must be local, redis://..., rediss://..., redis+cluster://... "
+                "or rediss+cluster://..."
+            )
+        parse_redis_url(value)  # ValueError: one line, password left out
         return value
 
 

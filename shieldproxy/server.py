@@ -33,7 +33,7 @@ from shieldproxy.keys.secret import KeyHasher
 from shieldproxy.limits.engine import LimiterSettings, RateLimiter
 from shieldproxy.metrics import ProxyMetrics, SnapshotFiles
 from shieldproxy.state import ProxyState, Runtime
-from shieldproxy.store import open_store
+from shieldproxy.store import open_store, refusal_at_start
 
 log = logging.getLogger("shieldproxy")
 
@@ -119,6 +119,10 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
         )
     except ValueError as exc:
         log.error("store: %s", exc)
+        return EXIT_FATAL
+    if (refused := await refusal_at_start(store)) is not None:
+        log.error("store: %s (check the password and TLS options in store.url)", refused)
+        await store.close()
         return EXIT_FATAL
     settings = LimiterSettings(
         prefix=config.store.prefix,

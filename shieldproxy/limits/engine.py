@@ -25,6 +25,7 @@ from shieldproxy.store.base import (
     LimitCall,
     Store,
     StoreError,
+    StoreRefused,
     StoreUnavailable,
     batch_admits,
 )
@@ -176,6 +177,7 @@ class RateLimiter:
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
+        self._refused = False  # the last heartbeat's error was a refusal (logged once)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -669,10 +671,15 @@ class RateLimiter:
         except StoreError as exc:
             # Keep the last known count: during an outage it is the best estimate we have.
             self._degraded = True
+            refused = isinstance(exc, StoreRefused)
+            if refused and not self._refused:
+                # Credentials rotated under a running instance: say so once, loudly.
+                log.error("the store refuses this instance (password or TLS): %s", exc)
+            self._refused = refused
             log.debug("heartbeat failed: %s", exc)
             return
         self._local.live_instances = max(1, live)
-        self._degraded = False
+        self._degraded = self._refused = False
         if self._backlog:
             self._owed_to_store()
 

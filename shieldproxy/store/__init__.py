@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from shieldproxy.store.base import (
     CallResult,
@@ -16,9 +17,11 @@ from shieldproxy.store.base import (
     StoreConnectionError,
     StoreError,
     StoreMisuse,
+    StoreRefused,
     StoreTimeout,
     StoreUnavailable,
 )
+from shieldproxy.store.urls import parse_redis_url, redact
 
 __all__ = [
     "CallResult",
@@ -29,9 +32,11 @@ __all__ = [
     "StoreConnectionError",
     "StoreError",
     "StoreMisuse",
+    "StoreRefused",
     "StoreTimeout",
     "StoreUnavailable",
     "open_store",
+    "refusal_at_start",
 ]
 
 
@@ -75,7 +80,8 @@ def open_store(
                 wall_clock=fake_time or time.time,
                 prefix=prefix,
             )
-        case "redis" | "rediss" | "redis+cluster":
+        case "redis" | "rediss" | "redis+cluster" | "rediss+cluster":
+            target = parse_redis_url(url)
             breaker = CircuitBreaker(
                 failures=breaker_failures,
                 cooldown_seconds=breaker_cooldown_seconds,
@@ -87,28 +93,35 @@ def open_store(
                 "breaker": breaker,
                 "clock_override": fake_time,
             }
-            if scheme == "redis+cluster":
+            if target.cluster:
                 from shieldproxy.store.redis_cluster import RedisClusterStore
 
-                return RedisClusterStore.from_nodes(_cluster_nodes(url), **common)
-            if not urlsplit(url).hostname and not urlsplit(url).path:
-                raise ValueError(f"store url {url!r}: missing host, e.g. redis://127.0.0.1:6379/0")
+                return RedisClusterStore.from_target(target, **common)
             from shieldproxy.store.redis import RedisStore
 
-            return RedisStore.from_url(url, **common)
+            return RedisStore.from_target(target, **common)
         case _:
             raise ValueError(
-                f"store url {url!r}: unknown scheme {scheme!r}; "
-                "use local, redis://, rediss:// or redis+cluster://host:port,host:port"
+                f"store url {redact(url)!r}: unknown scheme {scheme!r}; use local, redis://, "
+                "rediss://, redis+cluster://host:port,host:port or rediss+cluster://"
             )
 
 
-def _cluster_nodes(url: str) -> list[tuple[str, int]]:
-    rest = url.split("://", 1)[1].split("/", 1)[0]
-    nodes: list[tuple[str, int]] = []
-    for part in rest.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"store url {url!r}: cluster nodes must be host:port,host:port")
-        nodes.append((host.strip("[]"), int(port)))
-    return nodes
+async def refusal_at_start(store: Store, timeout_seconds: float = 5.0) -> str | None:
+    """Why the store turns this instance down (password, TLS certificate), or None.
+
+    A store that is merely unreachable is an outage: the instance starts and answers by each
+    rule's `on_store_error` until the store is back. A refusal will not heal by waiting, so
+    serve stops with it instead of running degraded behind a misconfigured URL.
+    """
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            await store.ping()
+    except StoreRefused as exc:
+        return str(exc)
+    except (StoreError, TimeoutError) as exc:
+        logging.getLogger(__name__).warning(
+            "store not reachable at start (%s); limits follow on_store_error until it is",
+            exc or "no answer in time",
+        )
+    return None

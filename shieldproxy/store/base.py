@@ -41,6 +41,14 @@ class StoreConnectionError(StoreUnavailable):
     """The connection failed (refused, reset, cluster down, server loading)."""
 
 
+class StoreRefused(StoreConnectionError):
+    """The store turned down our credentials or certificate: a setup error, not an outage.
+
+    Still a StoreUnavailable, so that requests are answered by `on_store_error` as in an outage
+    (never a 401/403 caused by the store); server startup stops on it instead (see serve).
+    """
+
+
 class CircuitOpen(StoreUnavailable):
     """The circuit breaker is open: the call was not attempted."""
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from shieldproxy.store.base import (
     StoreConnectionError,
     StoreError,
     StoreMisuse,
+    StoreRefused,
     StoreTimeout,
     StoreUnavailable,
     batch_admits,
@@ -32,6 +34,7 @@ from shieldproxy.store.breaker import CircuitBreaker
 from shieldproxy.store.pubsub import RedisBus
 from shieldproxy.store.redis_records import RedisRecords
 from shieldproxy.store.scripts import Script, decode, encode, encode_refund, load_script
+from shieldproxy.store.urls import RedisTarget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,9 +63,38 @@ def no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+def bus_client(host: str, port: int, options: dict[str, Any]) -> Redis:
+    """A plain client for pub/sub (store/pubsub.py), with the store's credentials and TLS."""
+    return Redis(host=host, port=port, **options, retry=no_retry(), socket_connect_timeout=1.0)
+
+
+_REFUSALS = (
+    rex.AuthenticationError,  # WRONGPASS, NOAUTH
+    rex.AuthorizationError,
+    rex.NoPermissionError,  # NOPERM: the ACL user may not run our commands or keys
+    ssl.SSLCertVerificationError,
+)
+
+
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The error in exc's chain saying the server refused our password or certificate."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # redis-py wraps and retries: the reason may sit a few links down
+        if seen is None:
+            return None
+        if isinstance(seen, _REFUSALS):
+            return seen
+        if "CERTIFICATE_VERIFY_FAILED" in str(seen):  # redis-py keeps only the SSL message
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _translate(exc: BaseException) -> StoreError:
     if isinstance(exc, StoreError):
         return exc
+    if (refused := _refusal(exc)) is not None:
+        return StoreRefused(f"redis refused this client: {type(refused).__name__}: {refused}")
     if isinstance(exc, TimeoutError | rex.TimeoutError):
         return StoreTimeout(f"redis: no reply in time ({type(exc).__name__})")
     if isinstance(exc, _UNAVAILABLE):
@@ -123,12 +155,14 @@ class RedisStore(RedisRecords, Store):
         self.stats = RedisStats()
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
+    def from_target(cls, target: RedisTarget, **kwargs: Any) -> RedisStore:
+        (host, port), options = target.nodes[0], target.options
         timeout = kwargs["timeout_seconds"]
-        client = Redis.from_url(
-            url,
+        client = Redis(
+            host=host,
+            port=port,
+            **options,
             retry=no_retry(),
-            retry_on_timeout=False,
             # Backstops only: asyncio.timeout(budget) cuts every call first.
             socket_timeout=max(1.0, timeout * 10),
             socket_connect_timeout=max(1.0, timeout * 10),
@@ -138,8 +172,7 @@ class RedisStore(RedisRecords, Store):
             # nor CLIENT MAINT_NOTIFICATIONS (Redis 8 only): new connections cost one trip
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
-        options = {"retry": no_retry(), "socket_connect_timeout": max(1.0, timeout * 10)}
-        kwargs.setdefault("bus_connect", lambda: Redis.from_url(url, **options))
+        kwargs.setdefault("bus_connect", lambda: bus_client(host, port, options))
         return cls(client, **kwargs)
 
     def _slot(self, key: str) -> int:
@@ -434,7 +467,9 @@ class RedisStore(RedisRecords, Store):
         return int(replies[0])
 
     async def ping(self) -> None:
-        await self._guarded(self._client.ping, self._timeout)
+        # Startup's check, not the hot path: a first TLS handshake or cluster discovery may
+        # take longer than a limit call's budget.
+        await self._guarded(self._client.ping, self._records_timeout)
 
     async def close(self) -> None:
         await self._bus.close()

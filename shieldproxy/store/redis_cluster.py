@@ -30,17 +30,20 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.maint_notifications import MaintNotificationsConfig
 
-from shieldproxy.store.redis import RedisStore, no_retry
+from shieldproxy.store.redis import RedisStore, bus_client, no_retry
+from shieldproxy.store.urls import RedisTarget
 
 
 class RedisClusterStore(RedisStore):
-    """Store over `redis+cluster://host:port,host:port` (the nodes are only the seed list)."""
+    """Store over `redis[s]+cluster://host:port,host:port` (the nodes are only the seed list)."""
 
     @classmethod
-    def from_nodes(cls, nodes: list[tuple[str, int]], **kwargs: Any) -> RedisClusterStore:
+    def from_target(cls, target: RedisTarget, **kwargs: Any) -> RedisClusterStore:
+        nodes, options = target.nodes, target.options
         timeout = kwargs["timeout_seconds"]
         client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            **options,
             retry=no_retry(),
             socket_timeout=max(1.0, timeout * 10),
             socket_connect_timeout=max(1.0, timeout * 10),
@@ -54,7 +57,7 @@ class RedisClusterStore(RedisStore):
             # Cluster PUBLISH reaches every node: any one node serves pub/sub; after a
             # failure the listener reconnects to the next one.
             host, port = next(rotation)
-            return Redis(host=host, port=port, retry=no_retry(), socket_connect_timeout=1.0)
+            return bus_client(host, port, options)
 
         kwargs.setdefault("bus_connect", bus_connect)
         return cls(client, **kwargs)

@@ -10,11 +10,12 @@ import pytest
 from shieldproxy.limits import RateLimiter
 from shieldproxy.store import Store, open_store
 from tests.fixtures.redis_servers import *  # noqa: F403
-from tests.fixtures.redis_servers import RedisClusterServers, RedisServer
+from tests.fixtures.redis_servers import RedisClusterServers, RedisServer, app_url
 
 # Aligned to a 60 s boundary so that 1/2/5/10/30/60 s windows start exactly at the fake epoch.
 EPOCH = 1_700_000_040.0
-BACKENDS = ["local", "redis", "redis_cluster"]
+# The *_tls backends: the same servers behind TLS and passwords (rediss://, rediss+cluster://).
+BACKENDS = ["local", "redis", "redis_cluster", "redis_tls", "redis_cluster_tls"]
 
 
 class FakeClock:
@@ -47,6 +48,14 @@ async def store(
         cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
         cluster.flushall()
         url = cluster.url
+    elif kind == "redis_tls":
+        tls: RedisServer = request.getfixturevalue("redis_tls")
+        tls.cli("FLUSHALL")
+        url = app_url(tls)
+    elif kind == "redis_cluster_tls":
+        cluster_tls: RedisClusterServers = request.getfixturevalue("redis_cluster_tls")
+        cluster_tls.flushall()
+        url = cluster_tls.secure_url()
     # Generous budget: the suite checks semantics, the fault tests check the budget.
     s = open_store(url, data_dir=tmp_path, fake_time=clock, timeout_seconds=2.0)
     yield s

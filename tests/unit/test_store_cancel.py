@@ -13,6 +13,7 @@ import pytest
 from shieldproxy.store import LimitCall, StoreError
 from shieldproxy.store.breaker import CircuitBreaker
 from shieldproxy.store.redis import RedisStore
+from shieldproxy.store.urls import parse_redis_url
 from tests.fixtures.redis_servers import RedisServer
 
 # Real servers: a hang must fail this test, never stall the suite.
@@ -23,8 +24,12 @@ BIG = "x" * 200_000  # replies large enough to arrive in several reads
 
 def make(url: str, budget: float) -> RedisStore:
     breaker = CircuitBreaker(failures=10**9, cooldown_seconds=0, clock=time.monotonic)
-    return RedisStore.from_url(
-        url, prefix="sp:", timeout_seconds=budget, breaker=breaker, records_timeout_seconds=budget
+    return RedisStore.from_target(
+        parse_redis_url(url),
+        prefix="sp:",
+        timeout_seconds=budget,
+        breaker=breaker,
+        records_timeout_seconds=budget,
     )
 
 
