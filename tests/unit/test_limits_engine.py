@@ -265,3 +265,23 @@ def test_quota_backlog_merges_per_counter_and_counts_drops() -> None:
     assert len(backlog) == 2 and backlog.dropped_units == 4  # q2 did not fit
     assert sorted((c.key, c.cost) for c in backlog.take()) == [("q0", 4), ("q1", 4)]
     assert len(backlog) == 0
+
+
+async def test_a_password_changed_under_a_running_instance_is_logged_once(
+    roomy: RedisStore, fault_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = RateLimiter(roomy)
+    await limiter.start()
+    assert not limiter.degraded
+    fault_redis.cli("CONFIG", "SET", "requirepass", "rotated")
+    fault_redis.cli("-a", "rotated", "CLIENT", "KILL", "TYPE", "normal")  # pooled ones log in again
+    for _ in range(3):
+        await limiter._beat()
+    refusals = [r for r in caplog.records if "refuses this instance" in r.getMessage()]
+    assert limiter.degraded and len(refusals) == 1
+    assert refusals[0].levelname == "ERROR" and "AuthenticationError" in refusals[0].getMessage()
+    fault_redis.cli("-a", "rotated", "CONFIG", "SET", "requirepass", "")
+    await asyncio.sleep(1.1)  # the breaker's cooldown (1 s default) before calls go out again
+    await limiter._beat()
+    assert not limiter.degraded
+    await limiter.close()
