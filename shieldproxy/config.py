@@ -90,6 +90,11 @@ class ServerConfig(Section):
         75.0, description="close a connection that sends nothing for this long"
     )
     body_timeout_seconds: Seconds = Field(30.0, description="silence inside a body → 408")
+    send_timeout_seconds: Seconds = Field(
+        60.0,
+        description="a client that takes none of the response bytes waiting for it this long "
+        "(a stalled or very slow reader) is disconnected",
+    )
     shutdown_timeout_seconds: Seconds = Field(30.0, description="drain budget on SIGTERM")
     drain_delay_seconds: float = Field(
         0.0,

@@ -11,12 +11,22 @@ a load balancer in front keeps pooled connections idle for a minute or more. A r
 head that starts arriving but does not complete within `header_timeout` (slowloris) gets
 a 408 and the connection is closed. That timer is only armed when a packet leaves a head
 incomplete, so the common case (a whole head in one packet) costs nothing.
+
+A third bounds slow readers. A client that stops reading (or reads a few bytes a minute)
+would otherwise hold its response forever, and with it an upstream connection and whatever
+the upstream spends on a streamed answer: a cheap way to exhaust the pool. The transport
+tells when its buffer passes the high-water mark (`pause_writing`) and when the client has
+taken it back below the low one (`resume_writing`); if `send_timeout` passes in between, the
+connection is aborted, which fails the pending write and frees the upstream. So a client must
+take what is buffered for it (up to the 64 KiB high-water mark) within `send_timeout`, and a
+client that keeps up costs no timer at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -77,10 +87,42 @@ def _raw_408(request_id: str) -> bytes:
 
 
 class _ProtocolHandler(web_protocol.RequestHandler):
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout: float,
+        send_timeout: float,
+        on_client_timeout: Callable[[str], None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timeout = send_timeout
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._on_client_timeout = on_client_timeout
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self._send_timeout, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_stalled(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.info(
+            "closing a connection whose client took no response bytes for %gs", self._send_timeout
+        )
+        self._on_client_timeout("send")
+        transport.abort()  # what it did not take is dropped; the waiting write fails
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -108,12 +150,14 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         manager = self._manager
         request_id = manager.error_ids.next() if isinstance(manager, ProxyServer) else "-"
         self.transport.write(_raw_408(request_id))
+        self._on_client_timeout("head")
         self.force_close()  # closes the transport after the 408 is flushed
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        for timer in (self._head_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._send_timer = None
         super().connection_lost(exc)
 
     def handle_error(
@@ -144,24 +188,45 @@ class _ProtocolHandler(web_protocol.RequestHandler):
 class ProxyServer(web.Server):
     """A web.Server whose connections answer protocol errors as JSON."""
 
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout: float,
+        send_timeout: float = 60.0,
+        on_client_timeout: Callable[[str], None] = lambda kind: None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
+        self.on_client_timeout = on_client_timeout
         # Ids for requests the parser rejected (the handler never sees them); a separate
         # random prefix keeps them unique next to the handler's.
         self.error_ids = RequestIds()
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _ProtocolHandler(
-            self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs
+            self,
+            loop=self._loop,
+            header_timeout=self.header_timeout,
+            send_timeout=self.send_timeout,
+            on_client_timeout=self.on_client_timeout,
+            **self._kwargs,
         )
 
 
 def server_kwargs(
-    *, max_line: int, max_field: int, header_timeout: float, idle_timeout: float, max_headers: int
+    *,
+    max_line: int,
+    max_field: int,
+    header_timeout: float,
+    send_timeout: float,
+    idle_timeout: float,
+    max_headers: int,
 ) -> dict[str, Any]:
     return {
         "header_timeout": header_timeout,
+        "send_timeout": send_timeout,
         "max_line_size": max_line,
         "max_field_size": max_field,
         "max_headers": max_headers,

@@ -59,6 +59,7 @@ class ProxyMetrics:
         self.request_latency: dict[str, Histogram] = {}
         self.upstream_latency: dict[str, Histogram] = {}
         self.upstream_errors: dict[str, int] = {}
+        self.client_timeouts: dict[str, int] = {}  # "head" (slowloris), "send" (stalled reader)
         self.in_flight = 0
         self.reloads: dict[str, int] = {}
         self.limiter: dict[str, int] = {}  # RateLimiter.stats, copied at snapshot time
@@ -89,6 +90,9 @@ class ProxyMetrics:
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
 
+    def client_timeout(self, kind: str) -> None:
+        self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + 1
+
     def reload(self, outcome: str) -> None:
         self.reloads[outcome] = self.reloads.get(outcome, 0) + 1
 
@@ -109,6 +113,7 @@ class ProxyMetrics:
             "request_latency": {r: [h.counts, h.total] for r, h in self.request_latency.items()},
             "upstream_latency": {r: [h.counts, h.total] for r, h in self.upstream_latency.items()},
             "upstream_errors": self.upstream_errors,
+            "client_timeouts": self.client_timeouts,
             "reloads": self.reloads,
             "in_flight": self.in_flight,
         }
@@ -131,6 +136,8 @@ class ProxyMetrics:
                     histogram.total += total
         for kind, n in snap.get("upstream_errors", {}).items():
             self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
+        for kind, n in snap.get("client_timeouts", {}).items():
+            self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + n
         for outcome, n in snap.get("reloads", {}).items():
             self.reloads[outcome] = self.reloads.get(outcome, 0) + n
         for name, n in snap.get("limiter", {}).items():
@@ -235,6 +242,15 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
     for kind, n in sorted(m.upstream_errors.items()):
         errors.add_metric([kind], n)
     yield errors
+    slow = CounterMetricFamily(
+        "shieldproxy_client_timeouts",
+        "Client connections closed for slowness: head (request head too slow, 408), "
+        "send (the client took no response bytes for server.send_timeout_seconds).",
+        labels=["kind"],
+    )
+    for kind, n in sorted(m.client_timeouts.items()):
+        slow.add_metric([kind], n)
+    yield slow
     reloads = CounterMetricFamily(
         "shieldproxy_config_reloads", "SIGHUP reloads by outcome.", labels=["outcome"]
     )

@@ -34,6 +34,7 @@ from shieldproxy.limits.engine import LimiterSettings, RateLimiter
 from shieldproxy.metrics import ProxyMetrics, SnapshotFiles
 from shieldproxy.state import ProxyState, Runtime
 from shieldproxy.store import open_store, refusal_at_start
+from shieldproxy.store.urls import redact
 
 log = logging.getLogger("shieldproxy")
 
@@ -43,6 +44,13 @@ _RESTART_NEEDED = (
     "server.admin_listen",
     "server.workers",
     "server.data_dir",
+    # The listener's protocol settings are fixed when it starts.
+    "server.max_request_line_bytes",
+    "server.max_header_bytes",
+    "server.max_header_count",
+    "server.header_timeout_seconds",
+    "server.keepalive_timeout_seconds",
+    "server.send_timeout_seconds",
     "store.url",
     "store.prefix",
 )
@@ -144,9 +152,11 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
             max_line=server.max_request_line_bytes,
             max_field=server.max_header_bytes,
             header_timeout=server.header_timeout_seconds,
+            send_timeout=server.send_timeout_seconds,
             idle_timeout=server.keepalive_timeout_seconds,
             max_headers=server.max_header_count + 1,
         ),
+        on_client_timeout=metrics.client_timeout,
     )
     proxy_runner = web.ServerRunner(proxy, shutdown_timeout=server.shutdown_timeout_seconds)
     admin_runner = web.AppRunner(
@@ -262,6 +272,8 @@ def _reload(source: ConfigSource, state: ProxyState, loop: asyncio.AbstractEvent
         before = getattr(getattr(old.config, section), key)
         after = getattr(getattr(config, section), key)
         if before != after:
+            if dotted == "store.url":
+                before, after = redact(before), redact(after)
             log.warning("%s changed (%s → %s): takes effect after a restart", dotted, before, after)
     runtime = Runtime(config, loop, state.limiter, state.registry)
     state.registry.reconfigure(config)

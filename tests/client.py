@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,3 +39,11 @@ def request(
 
 def get(port: int, path: str, **kwargs: Any) -> Reply:
     return request(port, "GET", path, **kwargs)
+
+
+def client_timeouts(admin_port: int, token: str, kind: str) -> float:
+    """shieldproxy_client_timeouts_total{kind} from the admin API's /metrics (0 if absent)."""
+    text = get(admin_port, "/metrics", headers={"Authorization": f"Bearer {token}"}).body.decode()
+    pattern = rf'^shieldproxy_client_timeouts_total\{{kind="{kind}"\}} (\S+)$'
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0

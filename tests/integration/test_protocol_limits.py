@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.client import request
+from tests.client import client_timeouts, request
 from tests.fixtures.processes import Proxy, Upstream
 from tests.integration import test_protocol_smuggling as raw
 from tests.integration.test_protocol_smuggling import (
@@ -165,6 +165,7 @@ def test_slowloris_headers_are_cut_off(limited: Proxy) -> None:
 
 
 def test_slowloris_after_a_keepalive_request_is_cut_off(limited: Proxy) -> None:
+    before = client_timeouts(limited.admin_port, limited.admin_token, "head")
     with socket.create_connection(("127.0.0.1", limited.port), timeout=3) as sock:
         sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
         sock.settimeout(3)
@@ -175,6 +176,7 @@ def test_slowloris_after_a_keepalive_request_is_cut_off(limited: Proxy) -> None:
     assert time.monotonic() - started < 2.0
     response = one_response(data)  # 408, then the connection is closed
     assert_error(response.status, response.body, 408, "request_timeout")
+    assert client_timeouts(limited.admin_port, limited.admin_token, "head") == before + 1
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.client import client_timeouts
 from tests.fixtures.processes import Proxy, Upstream
 from tests.integration.test_protocol_smuggling import (
     echo_header,
@@ -200,3 +201,57 @@ def test_pipelined_requests_are_answered_in_order(streaming: Proxy) -> None:
     assert [r.json()["body_length"] for r in responses[:8]] == [i if i % 2 else 0 for i in range(8)]
     ids = [r.header("X-Request-Id") for r in responses]
     assert len(set(ids)) == len(ids)
+
+
+# -- slow readers ---------------------------------------------------------------------------
+
+STALL = """
+[server]
+send_timeout_seconds = 1
+[upstream]
+max_connections = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Proxy]:
+    """One upstream connection in all: a client that holds it blocks everybody else."""
+    yield from module_proxy(tmp_path_factory, upstream.url, STALL)
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_frees_the_upstream(one_slot: Proxy) -> None:
+    size = 256 * MB
+    before = client_timeouts(one_slot.admin_port, one_slot.admin_token, "send")
+    with socket.create_connection(("127.0.0.1", one_slot.port), timeout=10) as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        stalled.sendall(b"GET /big?size=%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+        time.sleep(0.5)
+        # The stalled client holds the only upstream connection: another request waits...
+        started = time.monotonic()
+        other = _connection(one_slot)
+        other.request("GET", "/echo")
+        reply = other.getresponse()
+        waited = time.monotonic() - started
+        # ...until the stalled one is cut, send_timeout after its buffers filled.
+        assert reply.status == 200 and reply.read()
+        assert 0.3 < waited < 5, waited
+        other.close()
+        received = len(read_until_close(stalled, 5))
+    assert received < size
+    assert client_timeouts(one_slot.admin_port, one_slot.admin_token, "send") == before + 1
+    assert "took no response bytes for 1s" in one_slot.log()
+
+
+def test_a_slow_reader_that_keeps_taking_bytes_is_served(one_slot: Proxy) -> None:
+    size = 640 * 1024
+    before = client_timeouts(one_slot.admin_port, one_slot.admin_token, "send")
+    with socket.create_connection(("127.0.0.1", one_slot.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.sendall(b"GET /big?size=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+        chunks: list[bytes] = []
+        while chunk := sock.recv(48 * 1024):  # ~150 KiB/s: slower than the proxy can send
+            chunks.append(chunk)
+            time.sleep(0.3)
+    (response,) = parse_responses(b"".join(chunks))
+    assert response.status == 200 and len(response.body) == size
+    assert client_timeouts(one_slot.admin_port, one_slot.admin_token, "send") == before
