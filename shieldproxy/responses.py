@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 
 import orjson
@@ -20,8 +19,14 @@ _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii")
     for status in HTTPStatus
 }
-# Control bytes aiohttp's Response refuses in a field (CR and LF are counted separately).
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Every byte aiohttp's Response allows in a field: all but the control bytes (tab excepted).
+# Deleting these from a field block leaves exactly its line ends, CRLF per line, when it is
+# sound: one C-speed pass instead of a regex search and two counts.
+_FIELD_BYTES = bytes(b for b in range(256) if b == 9 or 32 <= b < 127 or b > 127)
+_CRLF = b"\r\n"
+# id(decision) -> (decision, its fields as lines, how many): a flood is answered with one
+# cached Decision per client and limit, so its fields are rendered once, not per answer.
+_RENDERED: dict[int, tuple[Decision, str, int]] = {}
 _FIXED_FIELDS = "Content-Type: application/json\r\nServer: shieldproxy\r\n"
 _FIXED_LINES = _FIXED_FIELDS.count("\n") + 1  # and Date
 
@@ -65,12 +70,7 @@ def whole_answer(
     refuses it.
     """
     line = _STATUS_LINES.get(status)
-    if (
-        line is None
-        or fields.count(b"\n") != lines
-        or fields.count(b"\r") != lines
-        or _CONTROL.search(fields) is not None
-    ):
+    if line is None or fields.translate(None, _FIELD_BYTES) != _CRLF * lines:
         return None
     if request.version < (1, 1):
         line = b"HTTP/1.0" + line[8:]
@@ -93,18 +93,31 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
         {"error": {"code": decision.code, "message": decision.message, "request_id": request_id}}
     )
     status = decision.status
-    fields = _fields(ctx, decision)
     keep_alive = request.keep_alive and status not in _CLOSE_AFTER
-    text = f"{_FIXED_FIELDS}Date: {rfc822_formatted_time()}\r\n{''.join(fields)}"
+    date = rfc822_formatted_time()
+    if decision.retry_after is None and status != 401 and not ctx.response_headers:
+        own, count = _rendered(decision)  # nothing to merge: the common case, floods included
+        text = f"{_FIXED_FIELDS}Date: {date}\r\nX-Request-Id: {request_id}\r\n{own}"
+        lines = _FIXED_LINES + 1 + count
+    else:
+        fields = _fields(ctx, decision)
+        text = f"{_FIXED_FIELDS}Date: {date}\r\n{''.join(fields)}"
+        lines = _FIXED_LINES + len(fields)
     answer = whole_answer(
-        request,
-        status,
-        text.encode("latin-1", "replace"),
-        len(fields) + _FIXED_LINES,
-        body,
-        keep_alive=keep_alive,
+        request, status, text.encode("latin-1", "replace"), lines, body, keep_alive=keep_alive
     )
     return answer or _response(ctx, decision, body, keep_alive)
+
+
+def _rendered(decision: Decision) -> tuple[str, int]:
+    """The decision's own fields as header lines, and how many (see _RENDERED)."""
+    hit = _RENDERED.get(id(decision))
+    if hit is None or hit[0] is not decision:
+        if len(_RENDERED) >= 4096:
+            _RENDERED.clear()  # one-off decisions (a new client each time) must not pile up
+        text = "".join([f"{name}: {value}\r\n" for name, value in decision.headers])
+        hit = _RENDERED[id(decision)] = (decision, text, len(decision.headers))
+    return hit[1], hit[2]
 
 
 def _fields(ctx: RequestContext, decision: Decision) -> list[str]:

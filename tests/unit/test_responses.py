@@ -395,3 +395,27 @@ def test_control_bytes_in_fields_are_left_to_aiohttps_checks(byte: int) -> None:
     assert isinstance(ok, WholeAnswer)  # tab is allowed
     bad = b"X-A: a%cb\r\n" % byte
     assert whole_answer(request, 200, bad, 1, b"", keep_alive=True) is None
+
+
+def test_line_ends_must_be_crlf_pairs_not_just_as_many_crs_as_lfs() -> None:
+    """LF then CR inside a value has the right counts of both, and is still no line end."""
+    request = make_mocked_request("GET", "/")
+    bad = b"X-A: a\n\rX-B: forged\r\n"
+    assert whole_answer(request, 200, bad, 2, b"", keep_alive=True) is None
+    good = b"X-A: a\r\nX-B: b\r\n"
+    assert isinstance(whole_answer(request, 200, good, 2, b"", keep_alive=True), WholeAnswer)
+
+
+async def test_a_decision_reused_for_many_answers_gives_the_same_fields() -> None:
+    """A flood is answered from one cached Decision: every answer carries its fields, with
+    its own request id, exactly as a fresh decision's would."""
+    headers = (("RateLimit", '"per-key";r=0;t=30'), ("Retry-After", "30"))
+    reused = deny(429, "rate_limited", "rate limit exceeded", headers=headers)
+    async with serving(reused) as served:
+        first = await exchange(served.port, GET)
+        second = await exchange(served.port, GET)
+    async with serving(deny(429, "rate_limited", "rate limit exceeded", headers=headers)) as s2:
+        fresh = await exchange(s2.port, GET)
+    without_date = [[f for f in a.fields if f[0] != "Date"] for a in (first, second, fresh)]
+    assert without_date[0] == without_date[1] == without_date[2]
+    assert first.value("Retry-After") == "30" and first.value("X-Request-Id") == "req-1"
