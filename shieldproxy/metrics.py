@@ -236,44 +236,42 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
                 buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
             family.add_metric([route], buckets, histogram.total)
         yield family
-    errors = CounterMetricFamily(
-        "shieldproxy_upstream_errors", "Upstream failures by kind.", labels=["kind"]
+    yield _counter_by(
+        "shieldproxy_upstream_errors", "Upstream failures by kind.", "kind", m.upstream_errors
     )
-    for kind, n in sorted(m.upstream_errors.items()):
-        errors.add_metric([kind], n)
-    yield errors
-    slow = CounterMetricFamily(
+    yield _counter_by(
         "shieldproxy_client_timeouts",
         "Client connections closed for slowness: head (request head too slow, 408), "
         "send (the client took no response bytes for server.send_timeout_seconds).",
-        labels=["kind"],
+        "kind",
+        m.client_timeouts,
     )
-    for kind, n in sorted(m.client_timeouts.items()):
-        slow.add_metric([kind], n)
-    yield slow
-    reloads = CounterMetricFamily(
-        "shieldproxy_config_reloads", "SIGHUP reloads by outcome.", labels=["outcome"]
+    yield _counter_by(
+        "shieldproxy_config_reloads", "SIGHUP reloads by outcome.", "outcome", m.reloads
     )
-    for outcome, n in sorted(m.reloads.items()):
-        reloads.add_metric([outcome], n)
-    yield reloads
     yield GaugeMetricFamily(
         "shieldproxy_in_flight_requests", "Requests being answered now.", value=m.in_flight
     )
-    limiter = CounterMetricFamily(
+    yield _counter_by(
         "shieldproxy_ratelimit_events",
         "Rate-limit engine events: checks, denied, cache_denied (no storage call), "
         "shadow_denied, degraded (answered by fallback), reserved (admitted from units reserved "
         "ahead, no storage call), refills (background calls reserving more for a busy subject), "
         "given_back (reserved units returned unspent), renewed (concurrency leases extended for "
         "requests outliving half a lease), errors.",
-        labels=["event"],
+        "event",
+        m.limiter,
     )
-    for name, n in sorted(m.limiter.items()):
-        limiter.add_metric([name], n)
-    yield limiter
     yield GaugeMetricFamily(
         "shieldproxy_store_degraded_workers",
         "Workers answering limits from their fallback because the store is failing.",
         value=m.degraded_workers,
     )
+
+
+def _counter_by(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """One counter family with a sample per label value (sorted, so scrapes read stably)."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
