@@ -92,8 +92,8 @@ class ServerConfig(Section):
     body_timeout_seconds: Seconds = Field(30.0, description="silence inside a body → 408")
     send_timeout_seconds: Seconds = Field(
         60.0,
-        description="a client that takes none of the response bytes waiting for it this long "
-        "(a stalled or very slow reader) is disconnected",
+        description="a client that does not take the response bytes buffered for it (up to "
+        "64 KiB) within this long (a stalled or very slow reader) is disconnected",
     )
     shutdown_timeout_seconds: Seconds = Field(30.0, description="drain budget on SIGTERM")
     drain_delay_seconds: float = Field(
@@ -144,6 +144,7 @@ class UpstreamConfig(Section):
 class StoreConfig(Section):
     url: str = Field(
         "local",
+        repr=False,  # may hold a password
         description="local | redis[s]://[user:password@]host:port/db | "
         "redis[s]+cluster://[user:password@]host:port,host:port (TLS options as query)",
     )

@@ -17,9 +17,9 @@ would otherwise hold its response forever, and with it an upstream connection an
 the upstream spends on a streamed answer: a cheap way to exhaust the pool. The transport
 tells when its buffer passes the high-water mark (`pause_writing`) and when the client has
 taken it back below the low one (`resume_writing`); if `send_timeout` passes in between, the
-connection is aborted, which fails the pending write and frees the upstream. So a client must
-take what is buffered for it (up to the 64 KiB high-water mark) within `send_timeout`, and a
-client that keeps up costs no timer at all.
+pending write fails and the connection is aborted, which frees the upstream at once. So a
+client must drain what is buffered for it (the 64 KiB high-water mark down to the low one)
+within `send_timeout`, and a client that keeps up costs no timer at all.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web, web_protocol
@@ -101,6 +101,13 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         self._send_timeout = send_timeout
         self._send_timer: asyncio.TimerHandle | None = None
         self._on_client_timeout = on_client_timeout
+        # aiohttp drops `transport` when it closes a connection, which may happen while
+        # writing is paused (the handler done, its last bytes unsent): ours is kept to abort.
+        self._open_transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._open_transport = cast(asyncio.Transport, transport)  # a stream: it can abort
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -115,14 +122,18 @@ class _ProtocolHandler(web_protocol.RequestHandler):
 
     def _send_stalled(self) -> None:
         self._send_timer = None
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        transport = self._open_transport
+        if transport is None:
             return
-        log.info(
-            "closing a connection whose client took no response bytes for %gs", self._send_timeout
-        )
+        log.info("closed a client that did not take its response within %gs", self._send_timeout)
         self._on_client_timeout("send")
-        transport.abort()  # what it did not take is dropped; the waiting write fails
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            # On connection_lost(None) aiohttp would let the paused write succeed, and the
+            # forwarder would hold the upstream until its next chunk: fail the write now.
+            self._drain_waiter = None
+            waiter.set_exception(ConnectionResetError("the client stopped reading"))
+        transport.abort()  # what it did not take is dropped
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -158,6 +169,7 @@ class _ProtocolHandler(web_protocol.RequestHandler):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._send_timer = None
+        self._open_transport = None
         super().connection_lost(exc)
 
     def handle_error(

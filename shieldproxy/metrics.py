@@ -242,7 +242,8 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
     yield _counter_by(
         "shieldproxy_client_timeouts",
         "Client connections closed for slowness: head (request head too slow, 408), "
-        "send (the client took no response bytes for server.send_timeout_seconds).",
+        "send (the client did not take its buffered response within "
+        "server.send_timeout_seconds).",
         "kind",
         m.client_timeouts,
     )

@@ -87,26 +87,28 @@ def serve(source: ConfigSource) -> int:
     return Supervisor(source, config).run()
 
 
-def run_worker(source: ConfigSource, index: int, workers: int) -> int:
+def run_worker(source: ConfigSource, index: int, workers: int, *, restarted: bool = False) -> int:
     # Until the event loop takes SIGHUP over, a reload request must not kill us; the config
     # is read below, so nothing is missed.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = source.load()
     configure_logging(config.server.log_level, index if workers > 1 else None)
-    return uvloop.run(_worker_main(source, config, index, workers))
+    return uvloop.run(_worker_main(source, config, index, workers, restarted=restarted))
 
 
-def _worker_entry(source: ConfigSource, index: int, workers: int) -> None:
+def _worker_entry(source: ConfigSource, index: int, workers: int, restarted: bool) -> None:
     """Target of each spawned worker process."""
     try:
-        code = run_worker(source, index, workers)
+        code = run_worker(source, index, workers, restarted=restarted)
     except ConfigError as exc:
         log.error("config error: %s", "; ".join(exc.problems))
         code = EXIT_FATAL
     sys.exit(code)
 
 
-async def _worker_main(source: ConfigSource, config: Config, index: int, workers: int) -> int:
+async def _worker_main(
+    source: ConfigSource, config: Config, index: int, workers: int, *, restarted: bool = False
+) -> int:
     loop = asyncio.get_running_loop()
     server = config.server
     data_dir = Path(server.data_dir)
@@ -129,9 +131,12 @@ async def _worker_main(source: ConfigSource, config: Config, index: int, workers
         log.error("store: %s", exc)
         return EXIT_FATAL
     if (refused := await refusal_at_start(store)) is not None:
-        log.error("store: %s (check the password and TLS options in store.url)", refused)
-        await store.close()
-        return EXIT_FATAL
+        if not restarted:
+            log.error("store: %s (check the password and TLS options in store.url)", refused)
+            await store.close()
+            return EXIT_FATAL
+        # Its siblings run on: a restarted worker joins them rather than stopping them all.
+        log.error("store: %s; answering by on_store_error until it accepts us", refused)
     settings = LimiterSettings(
         prefix=config.store.prefix,
         reserve_seconds=config.rate_limits.reserve_seconds,
@@ -330,13 +335,13 @@ class Supervisor:
                     continue
                 log.warning("worker %d exited (code %s); restarting", index, process.exitcode)
                 self._backoff(index)
-                self._start(index)
+                self._start(index, restarted=True)
         return code
 
-    def _start(self, index: int) -> None:
+    def _start(self, index: int, *, restarted: bool = False) -> None:
         process = self._context.Process(
             target=_worker_entry,
-            args=(self.source, index, self.count),
+            args=(self.source, index, self.count, restarted),
             name=f"shieldproxy-worker-{index}",
             daemon=False,
         )

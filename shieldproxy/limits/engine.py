@@ -177,7 +177,7 @@ class RateLimiter:
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
-        self._refused = False  # the last heartbeat's error was a refusal (logged once)
+        self._refused = False  # refused since the last heartbeat that got through (logged)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -671,11 +671,11 @@ class RateLimiter:
         except StoreError as exc:
             # Keep the last known count: during an outage it is the best estimate we have.
             self._degraded = True
-            refused = isinstance(exc, StoreRefused)
-            if refused and not self._refused:
-                # Credentials rotated under a running instance: say so once, loudly.
+            if isinstance(exc, StoreRefused) and not self._refused:
+                # Credentials rotated under a running instance: say so once, loudly (the open
+                # breaker's errors in between are not news), until a heartbeat gets through.
                 log.error("the store refuses this instance (password or TLS): %s", exc)
-            self._refused = refused
+                self._refused = True
             log.debug("heartbeat failed: %s", exc)
             return
         self._local.live_instances = max(1, live)

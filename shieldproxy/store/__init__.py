@@ -120,8 +120,12 @@ async def refusal_at_start(store: Store, timeout_seconds: float = 5.0) -> str | 
     except StoreRefused as exc:
         return str(exc)
     except (StoreError, TimeoutError) as exc:
+        reason = str(exc) or "no answer in time"
+        if "reset by peer" in reason:
+            # What a TLS-only port says to plain text, and a TLS 1.3 server to a client
+            # without the certificate it asks for: indistinguishable from a crash here.
+            reason += "; a TLS server needs rediss:// (and ssl_certfile if it asks for one)"
         logging.getLogger(__name__).warning(
-            "store not reachable at start (%s); limits follow on_store_error until it is",
-            exc or "no answer in time",
+            "store not reachable at start (%s); limits follow on_store_error until it is", reason
         )
     return None

