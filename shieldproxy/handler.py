@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
@@ -13,6 +14,8 @@ from shieldproxy.metrics import UNMATCHED_ROUTE
 from shieldproxy.responses import deny_response
 from shieldproxy.state import ProxyState, Runtime
 from shieldproxy.websocket import is_websocket_upgrade, relay_websocket
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first
 
 
 class ProxyHandler:
@@ -35,6 +38,13 @@ class ProxyHandler:
                 response = await self._forward(ctx, runtime)
             else:
                 response = deny_response(ctx, decision)
+        except asyncio.CancelledError:
+            # The client hung up and aiohttp cancelled us (handler_cancellation); what was
+            # under way upstream has been closed. Counted as nginx logs it: 499.
+            ctx.client_gone = True
+            route = ctx.route.name if ctx.route is not None else UNMATCHED_ROUTE
+            metrics.record(route, CLIENT_CLOSED, "client_closed", "", self._clock() - started)
+            raise
         finally:
             metrics.in_flight -= 1
             limited = ctx.limit_verdict

@@ -243,6 +243,10 @@ def server_kwargs(
         "max_field_size": max_field,
         "max_headers": max_headers,
         "keepalive_timeout": idle_timeout,
+        # A client that hangs up cancels its request: the forwarder closes the upstream
+        # connection at once (an AI upstream stops generating for nobody), a concurrency slot
+        # is freed, and nothing waits for an answer no one can receive.
+        "handler_cancellation": True,
         "lingering_time": 0,
         "access_log": None,
     }

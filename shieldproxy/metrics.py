@@ -206,7 +206,8 @@ class MetricsCollector(Collector):
 def _families(m: ProxyMetrics) -> Iterator[Metric]:
     requests = CounterMetricFamily(
         "shieldproxy_requests",
-        "Requests answered, by route, status class and decision.",
+        "Requests answered, by route, status class and decision (allow, deny, shadow_deny; "
+        "client_closed with status 499 when the client hung up first).",
         labels=["route", "status_class", "decision"],
     )
     for (route, klass, decision), n in sorted(m.requests.items()):

@@ -47,6 +47,11 @@ class CircuitBreaker:
         self._open_until = None
         self._probing = False
 
+    def abandoned(self) -> None:
+        """A call its caller cancelled (a client hung up) says nothing about the store: a probe
+        gives its turn back, and the next call probes instead."""
+        self._probing = False
+
     def failure(self) -> None:
         self._failures += 1
         if self._probing or self._failures >= self._threshold:

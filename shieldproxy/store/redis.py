@@ -201,7 +201,7 @@ class RedisStore(RedisRecords, Store):
                     log.debug("redis connection lost (%s); retrying once", exc)
                     result = await op()
         except asyncio.CancelledError:
-            self._breaker.failure()  # never leave a half-open probe marked in flight
+            self._breaker.abandoned()  # never leave a half-open probe marked in flight
             raise
         except (rex.RedisError, rex.RedisClusterException, OSError, TimeoutError) as exc:
             task = asyncio.current_task()

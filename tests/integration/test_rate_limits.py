@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -318,3 +320,23 @@ def test_open_policy_lets_traffic_pass_when_redis_is_down(
     )
     fault_redis.kill9()
     assert [get(proxy.port, "/x").status for _ in range(5)] == [200] * 5
+
+
+def test_a_client_that_hangs_up_frees_its_slot_and_its_upstream_at_once(
+    proxy_factory: ProxyFactory, flush_redis: RedisServer
+) -> None:
+    """The client of a slow request goes away: its concurrency slot is free for the next
+    request at once (not when the upstream would have answered), and it counts as a 499."""
+    proxy = proxy_factory(limit_config("concurrency", 1, 60), args=("--store", flush_redis.url))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as hung_up:
+        hung_up.sendall(b"GET /slow?seconds=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # admitted, waiting on the upstream
+        assert get(proxy.port, "/x").status == 429  # the one slot is taken
+    started = time.monotonic()
+    while (status := get(proxy.port, "/x").status) != 200 and time.monotonic() - started < 5:
+        time.sleep(0.05)
+    assert status == 200 and time.monotonic() - started < 2
+    token = {"Authorization": f"Bearer {proxy.admin_token}"}
+    metrics = get(proxy.admin_port, "/metrics", headers=token).body.decode()
+    assert re.search(r'shieldproxy_requests_total\{decision="client_closed".*\} 1\.0', metrics)
+    assert "Traceback" not in proxy.log()

@@ -35,3 +35,22 @@ def test_opens_after_n_failures_then_probes_once() -> None:
     b.success()
     assert not b.is_open
     b.before_call()
+
+
+def test_a_cancelled_call_neither_counts_nor_keeps_the_probe() -> None:
+    """A client hanging up mid-call says nothing about the store."""
+    now = [0.0]
+    b = CircuitBreaker(failures=2, cooldown_seconds=1.0, clock=lambda: now[0])
+    for _ in range(5):
+        b.before_call()
+        b.abandoned()
+    assert not b.is_open  # cancellations are not failures
+    for _ in range(2):
+        b.before_call()
+        b.failure()
+    now[0] = 1.0
+    b.before_call()  # the probe...
+    b.abandoned()  # ...is cancelled: the next caller probes, without another cool-down
+    b.before_call()
+    b.success()
+    assert not b.is_open
