@@ -15,7 +15,7 @@ from shieldproxy.responses import deny_response
 from shieldproxy.state import ProxyState, Runtime
 from shieldproxy.websocket import is_websocket_upgrade, relay_websocket
 
-CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first
+CANCELLED = 499  # nginx's status for a request whose client went away before its answer
 
 
 class ProxyHandler:
@@ -38,26 +38,33 @@ class ProxyHandler:
                 response = await self._forward(ctx, runtime)
             else:
                 response = deny_response(ctx, decision)
+            final = ctx.decision or decision
+            verdict = "allow" if final.allowed else "deny"
+            if ctx.shadow_denials and final.allowed:
+                verdict = "shadow_deny"
+            self._record(ctx, response.status, verdict, final.code, started)
+            return response
         except asyncio.CancelledError:
-            # The client hung up and aiohttp cancelled us (handler_cancellation); what was
-            # under way upstream has been closed. Counted as nginx logs it: 499.
+            # aiohttp cancels a request whose client hung up (handler_cancellation), and one
+            # still running when the shutdown budget ends; its upstream work was closed on the
+            # way out. Counted as nginx logs it: 499.
             ctx.client_gone = True
-            route = ctx.route.name if ctx.route is not None else UNMATCHED_ROUTE
-            metrics.record(route, CLIENT_CLOSED, "client_closed", "", self._clock() - started)
+            self._record(ctx, CANCELLED, "cancelled", "", started)
             raise
         finally:
             metrics.in_flight -= 1
             limited = ctx.limit_verdict
-            # Only a concurrency lease or a post-response charge needs work afterwards.
+            # Only a concurrency lease or a post-response charge needs work afterwards. Its own
+            # task: a second cancellation (the client closing right after the answer, or the
+            # shutdown) must not skip freeing the slot or billing what the upstream used.
             if limited is not None and (limited.lease is not None or ctx.upstream_charge):
-                await settle_limits(ctx, runtime)
+                await asyncio.shield(settle_limits(ctx, runtime))
+
+    def _record(
+        self, ctx: RequestContext, status: int, verdict: str, reason: str, started: float
+    ) -> None:
         route = ctx.route.name if ctx.route is not None else UNMATCHED_ROUTE
-        final = ctx.decision or decision
-        verdict = "allow" if final.allowed else "deny"
-        if ctx.shadow_denials and final.allowed:
-            verdict = "shadow_deny"
-        metrics.record(route, response.status, verdict, final.code, self._clock() - started)
-        return response
+        self._state.metrics.record(route, status, verdict, reason, self._clock() - started)
 
     async def _forward(self, ctx: RequestContext, runtime: Runtime) -> web.StreamResponse:
         request = ctx.request

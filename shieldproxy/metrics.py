@@ -207,7 +207,7 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
     requests = CounterMetricFamily(
         "shieldproxy_requests",
         "Requests answered, by route, status class and decision (allow, deny, shadow_deny; "
-        "client_closed with status 499 when the client hung up first).",
+        "cancelled with status 499: the client hung up first, or the shutdown budget ended).",
         labels=["route", "status_class", "decision"],
     )
     for (route, klass, decision), n in sorted(m.requests.items()):

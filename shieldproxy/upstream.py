@@ -343,8 +343,14 @@ class UpstreamPool:
             try:
                 async with asyncio.timeout(self.settings.connect_timeout):
                     await waiter
-            except TimeoutError:
-                raise UpstreamTimeout("no free upstream connection in time", "pool") from None
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    # Woken for a free slot, then cancelled (its client hung up) or timed out
+                    # before taking it: the slot goes to the next in line, or it is lost.
+                    self._wake_waiter()
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout("no free upstream connection in time", "pool") from None
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)

@@ -28,7 +28,7 @@ from shieldproxy.keys.records import (
     public_key,
 )
 from shieldproxy.keys.secret import KeyHasher, display_parts, generate_key
-from shieldproxy.store.base import Store, StoreError, StoreUnavailable
+from shieldproxy.store.base import Store, StoreError, StoreMisuse, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class KeyRegistry:
         self._cache: dict[str, _Entry] = {}
         self._unknown: dict[str, float] = {}  # digest of a key that does not exist → until
         self._generation = 0  # bumped by every invalidation
-        self._loading: dict[str, asyncio.Future[KeyView | None]] = {}
+        self._loading: dict[str, asyncio.Future[KeyView | None]] = {}  # loads under way
         self._used: dict[str, float] = {}
         # Secrets of recently valid keys → their digest, so a repeat caller skips the format
         # check and the HMAC. In memory only (a request holds the secret anyway), bounded.
@@ -150,30 +150,38 @@ class KeyRegistry:
         if unknown_until is not None and now < unknown_until:
             return None
         pending = self._loading.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[KeyView | None] = asyncio.get_running_loop().create_future()
-        self._loading[digest] = future
+        if pending is None:
+            # The registry's own task, not the first caller's: a client hanging up (its request
+            # cancelled) must not fail the lookup for every request waiting on the same key.
+            pending = asyncio.ensure_future(self._load_and_cache(digest, entry, now))
+            self._loading[digest] = pending
+            pending.add_done_callback(lambda task: self._loaded(digest, task))
+        return await asyncio.shield(pending)
+
+    def _loaded(self, digest: str, task: asyncio.Future[KeyView | None]) -> None:
+        del self._loading[digest]
+        if not task.cancelled():
+            task.exception()  # every waiter has it through shield(); none may be left
+
+    async def _load_and_cache(
+        self, digest: str, entry: _Entry | None, now: float
+    ) -> KeyView | None:
         generation = self._generation
         try:
             view = await self._load(digest)
-        except BaseException as exc:
-            stale = entry is not None and entry.view is not None and now < entry.stale_until
-            if isinstance(exc, StoreUnavailable) and stale:
-                assert entry is not None
-                future.set_result(entry.view)
+        except StoreUnavailable:
+            if entry is not None and entry.view is not None and now < entry.stale_until:
                 return entry.view  # bounded staleness: honour what we knew
-            # Every waiter gets an answer, whatever went wrong (a bad record, cancellation).
-            error = exc if isinstance(exc, StoreError) else StoreUnavailable(repr(exc))
-            future.set_exception(error)
-            future.exception()  # marked retrieved; waiters receive it through shield()
             raise
-        finally:
-            self._loading.pop(digest, None)
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                raise
+            # A record we cannot read is the store's fault, not the client's: 503, not 500.
+            log.error("cannot read the key record for hash %s…: %r", digest[:8], exc)
+            raise StoreMisuse(f"key record {digest[:8]}…: {exc!r}") from exc
         if generation != self._generation:
-            # Something changed while we were reading: the view may predate it. Answer this
-            # request with it, but do not cache it.
-            future.set_result(view)
+            # Something changed while we were reading: the view may predate it. Answer the
+            # waiting requests with it, but do not cache it.
             return view
         if view is None:
             # Unknown keys live apart, so a flood of made-up keys cannot evict known ones.
@@ -184,7 +192,6 @@ class KeyRegistry:
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[digest] = _Entry(view, now + self._ttl, now + self._max_stale)
-        future.set_result(view)
         return view
 
     def touch(self, key_id: str) -> None:

@@ -33,24 +33,26 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self._open_until is not None
 
-    def before_call(self) -> None:
-        """Raise CircuitOpen unless a call may go out now (closed, or this is the probe)."""
+    def before_call(self) -> bool:
+        """Raise CircuitOpen unless a call may go out now; True if this call is the probe."""
         if self._open_until is None:
-            return
+            return False
         if self._probing or self._clock() < self._open_until:
             raise CircuitOpen("store circuit open after repeated failures")
         # Half-open: exactly one caller probes; the others keep failing fast until it reports.
         self._probing = True
+        return True
 
     def success(self) -> None:
         self._failures = 0
         self._open_until = None
         self._probing = False
 
-    def abandoned(self) -> None:
-        """A call its caller cancelled (a client hung up) says nothing about the store: a probe
-        gives its turn back, and the next call probes instead."""
-        self._probing = False
+    def abandoned(self, probe: bool) -> None:
+        """A call its caller cancelled (a client hung up) says nothing about the store; if it
+        was the probe, it gives its turn back and the next call probes instead."""
+        if probe:
+            self._probing = False
 
     def failure(self) -> None:
         self._failures += 1

@@ -109,6 +109,7 @@ class RedisStats:
     requests: int = 0  # acquire() calls
     round_trips: int = 0  # flushes that reached the network
     orphan_releases: int = 0  # leases freed because their caller was cancelled
+    orphan_refunds: int = 0  # reserve grants given back because their caller was cancelled
 
 
 class RedisStore(RedisRecords, Store):
@@ -185,7 +186,7 @@ class RedisStore(RedisRecords, Store):
     async def _guarded(
         self, op: Callable[[], Awaitable[T]], budget: float, *, retry: bool = True
     ) -> T:
-        self._breaker.before_call()
+        probe = self._breaker.before_call()
         try:
             async with asyncio.timeout(budget):
                 try:
@@ -201,7 +202,7 @@ class RedisStore(RedisRecords, Store):
                     log.debug("redis connection lost (%s); retrying once", exc)
                     result = await op()
         except asyncio.CancelledError:
-            self._breaker.abandoned()  # never leave a half-open probe marked in flight
+            self._breaker.abandoned(probe)  # never leave a half-open probe marked in flight
             raise
         except (rex.RedisError, rex.RedisClusterException, OSError, TimeoutError) as exc:
             task = asyncio.current_task()
@@ -269,7 +270,7 @@ class RedisStore(RedisRecords, Store):
             # Cancelled after the reply arrived but before we resumed: the result is ours to
             # clean up (cancelled before the reply: _flush finds the future done and does it).
             if fut.done() and not fut.cancelled():
-                self._spawn(self._release_orphans([(calls, fut.result())]))
+                self._spawn(self._settle_orphans([(calls, fut.result())]))
             raise
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -277,25 +278,34 @@ class RedisStore(RedisRecords, Store):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _release_orphans(
+    async def _settle_orphans(
         self, done: list[tuple[Sequence[LimitCall], list[CallResult]]]
     ) -> None:
-        orphans = [
-            c
-            for calls, res in done
-            if batch_admits(calls, res)
-            for c, r in zip(calls, res, strict=True)
-            if _holds_lease(c, r)
-        ]
-        if not orphans:
-            return
-        # The caller went away after we sent its request: free its leases now rather than
-        # leaving slots taken until they expire.
-        self.stats.orphan_releases += 1
+        """The caller went away after we sent its request (its client hung up). Its own units
+        stay counted, as for any admitted request; its leases are freed now rather than when
+        they expire, and units reserved ahead for its subject go back, since nobody will
+        record them as held."""
+        leases: list[LimitCall] = []
+        grants: list[tuple[LimitCall, int]] = []
+        for calls, res in done:
+            if not batch_admits(calls, res):
+                continue
+            for c, r in zip(calls, res, strict=True):
+                if _holds_lease(c, r):
+                    leases.append(c)
+                elif r.granted > 0:
+                    grants.append((dataclasses.replace(c, cost=r.granted, extra=0), r.stamp))
+        if leases:
+            self.stats.orphan_releases += 1
+        if grants:
+            self.stats.orphan_refunds += 1
         try:
-            await self.release(orphans)
+            if leases:
+                await self.release(leases)
+            if grants:
+                await self.refund([c for c, _ in grants], [stamp for _, stamp in grants])
         except StoreError as exc:
-            log.warning("could not release leases of a cancelled request: %s", exc)
+            log.warning("could not settle a cancelled request's leases or reserve: %s", exc)
 
     def _start_flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -327,7 +337,7 @@ class RedisStore(RedisRecords, Store):
             else:
                 fut.set_result(res)
         if gone:
-            await self._release_orphans(gone)
+            await self._settle_orphans(gone)
 
     async def _acquire_many(self, requests: list[list[LimitCall]]) -> list[list[CallResult]]:
         now = self._now_ms()

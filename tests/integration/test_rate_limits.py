@@ -338,5 +338,5 @@ def test_a_client_that_hangs_up_frees_its_slot_and_its_upstream_at_once(
     assert status == 200 and time.monotonic() - started < 2
     token = {"Authorization": f"Bearer {proxy.admin_token}"}
     metrics = get(proxy.admin_port, "/metrics", headers=token).body.decode()
-    assert re.search(r'shieldproxy_requests_total\{decision="client_closed".*\} 1\.0', metrics)
+    assert re.search(r'shieldproxy_requests_total\{decision="cancelled".*\} 1\.0', metrics)
     assert "Traceback" not in proxy.log()

@@ -74,3 +74,41 @@ async def test_waiters_get_an_answer_when_a_load_fails(tmp_path: Path) -> None:
             await asyncio.wait_for(task, timeout=2)
     await registry.close()
     await store.close()
+
+
+async def test_the_first_caller_hanging_up_does_not_fail_the_others(tmp_path: Path) -> None:
+    """The load belongs to the registry: cancelling the request that started it (its client
+    went away) leaves the lookup, and the cache, to the requests still waiting."""
+    store, registry = await _registry(tmp_path)
+    doc, secret = await registry.create_key({"name": "k"})
+    release = store.hold = asyncio.Event()
+    first = asyncio.create_task(registry.lookup(secret))
+    await store.reached.wait()
+    second = asyncio.create_task(registry.lookup(secret))  # joins the load under way
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    view = await asyncio.wait_for(second, timeout=2)
+    assert view is not None and view.id == doc["id"]
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    reads = store.reached
+    reads.clear()
+    assert (await registry.lookup(secret)) == view and not reads.is_set()  # cached
+    await registry.close()
+    await store.close()
+
+
+async def test_an_unreadable_record_is_a_store_fault(tmp_path: Path) -> None:
+    store, registry = await _registry(tmp_path)
+    _, secret = await registry.create_key({"name": "k"})
+    release = store.hold = asyncio.Event()
+    store.fail = KeyError("id")  # what a record missing a field would raise
+    lookup = asyncio.create_task(registry.lookup(secret))
+    await store.reached.wait()
+    release.set()
+    with pytest.raises(StoreMisuse, match="KeyError"):
+        await asyncio.wait_for(lookup, timeout=2)
+    await registry.close()
+    await store.close()

@@ -287,3 +287,20 @@ async def test_a_password_changed_under_a_running_instance_is_logged_once(
     await limiter._beat()
     assert not limiter.degraded
     await limiter.close()
+
+
+@pytest.mark.parametrize("strategy", ["fixed_window", "sliding_window", "token_bucket"])
+async def test_units_reserved_for_a_cancelled_caller_go_back(
+    roomy: RedisStore, strategy: str
+) -> None:
+    """A request whose client hung up while its store call was out: its own unit stays
+    counted, the units reserved ahead with it are given back (no one holds them)."""
+    key = f"sp:rl:{{orphan|{strategy}}}:{strategy}:60000"
+    call = LimitCall(key, strategy, 1000, 60_000, 1000, 1, False, "t1", extra=100)  # type: ignore[arg-type]
+    (result,) = await roomy.acquire([call])
+    assert result.allowed and result.granted > 0
+    await roomy._settle_orphans([([call], [result])])
+    peek = dataclasses.replace(call, cost=0, extra=0, token="t2")
+    (after,) = await roomy.acquire([peek])
+    assert after.remaining == 999  # only the request's own unit is still counted
+    assert roomy.stats.orphan_refunds == 1

@@ -42,15 +42,19 @@ def test_a_cancelled_call_neither_counts_nor_keeps_the_probe() -> None:
     now = [0.0]
     b = CircuitBreaker(failures=2, cooldown_seconds=1.0, clock=lambda: now[0])
     for _ in range(5):
-        b.before_call()
-        b.abandoned()
+        b.abandoned(b.before_call())
     assert not b.is_open  # cancellations are not failures
+    early = b.before_call()  # a call started while the breaker was closed...
     for _ in range(2):
         b.before_call()
         b.failure()
     now[0] = 1.0
-    b.before_call()  # the probe...
-    b.abandoned()  # ...is cancelled: the next caller probes, without another cool-down
-    b.before_call()
+    probe = b.before_call()
+    assert probe and not early
+    b.abandoned(early)  # ...cancelled now: the probe in flight stays the only one
+    with pytest.raises(CircuitOpen):
+        b.before_call()
+    b.abandoned(probe)  # the probe is cancelled: the next caller probes, with no cool-down
+    assert b.before_call()
     b.success()
     assert not b.is_open
