@@ -51,6 +51,10 @@ class ProxyHandler:
             ctx.client_gone = True
             self._record(ctx, CANCELLED, "cancelled", "", started)
             raise
+        except Exception:
+            # A bug: aiohttp logs it and answers 500; it is counted like any other answer.
+            self._record(ctx, 500, "error", "internal_error", started)
+            raise
         finally:
             metrics.in_flight -= 1
             limited = ctx.limit_verdict

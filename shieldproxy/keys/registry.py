@@ -103,12 +103,18 @@ class KeyRegistry:
         self._max_stale = config.auth.max_stale_seconds
         self._cache.clear()
         self._generation += 1
+        self._loading.clear()  # loads under way build views with the old plans
 
     async def start(self) -> None:
         await self._store.subscribe(CHANNEL, self._on_invalidate)
         self._flusher = asyncio.create_task(self._flush_loop())
 
     async def close(self) -> None:
+        # Loads belong to the registry, not to requests: none may outlive it and the store.
+        loads = list(self._loading.values())
+        for load in loads:
+            load.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -156,10 +162,18 @@ class KeyRegistry:
             pending = asyncio.ensure_future(self._load_and_cache(digest, entry, now))
             self._loading[digest] = pending
             pending.add_done_callback(lambda task: self._loaded(digest, task))
-        return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if pending.cancelled() and current is not None and not current.cancelling():
+                # The load was stopped (the registry is closing), not this request.
+                raise StoreUnavailable("the key registry is closing") from None
+            raise
 
     def _loaded(self, digest: str, task: asyncio.Future[KeyView | None]) -> None:
-        del self._loading[digest]
+        if self._loading.get(digest) is task:
+            del self._loading[digest]
         if not task.cancelled():
             task.exception()  # every waiter has it through shield(); none may be left
 
@@ -242,7 +256,8 @@ class KeyRegistry:
 
     def _on_invalidate(self, message: str) -> None:
         """`key:<id>`, `hash:<digest>` or `tenant:<id>` changed somewhere: forget it."""
-        self._generation += 1  # loads already under way must not cache what they read
+        self._generation += 1  # loads already under way must not cache what they read...
+        self._loading.clear()  # ...nor answer requests that arrive from now on
         kind, _, value = message.partition(":")
         if kind == "hash":
             self._cache.pop(value, None)

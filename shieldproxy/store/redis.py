@@ -269,7 +269,7 @@ class RedisStore(RedisRecords, Store):
         except asyncio.CancelledError:
             # Cancelled after the reply arrived but before we resumed: the result is ours to
             # clean up (cancelled before the reply: _flush finds the future done and does it).
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._spawn(self._settle_orphans([(calls, fut.result())]))
             raise
 
@@ -299,13 +299,17 @@ class RedisStore(RedisRecords, Store):
             self.stats.orphan_releases += 1
         if grants:
             self.stats.orphan_refunds += 1
-        try:
-            if leases:
+        if leases:
+            try:
                 await self.release(leases)
-            if grants:
+            except StoreError as exc:
+                log.warning("could not release leases of a cancelled request: %s", exc)
+        if grants:
+            try:
                 await self.refund([c for c, _ in grants], [stamp for _, stamp in grants])
-        except StoreError as exc:
-            log.warning("could not settle a cancelled request's leases or reserve: %s", exc)
+            except StoreError as exc:
+                # Strict, not lost: the units stay counted until their window or period ends.
+                log.warning("could not give back units reserved for a cancelled request: %s", exc)
 
     def _start_flush(self) -> None:
         batch, self._pending = self._pending, []

@@ -11,7 +11,7 @@ import pytest
 from shieldproxy.config import Config
 from shieldproxy.keys.registry import KeyRegistry
 from shieldproxy.keys.secret import KeyHasher
-from shieldproxy.store.base import StoreMisuse
+from shieldproxy.store.base import StoreMisuse, StoreUnavailable
 from shieldproxy.store.local import LocalStore
 
 
@@ -110,5 +110,37 @@ async def test_an_unreadable_record_is_a_store_fault(tmp_path: Path) -> None:
     release.set()
     with pytest.raises(StoreMisuse, match="KeyError"):
         await asyncio.wait_for(lookup, timeout=2)
+    await registry.close()
+    await store.close()
+
+
+async def test_closing_stops_loads_and_answers_their_waiters(tmp_path: Path) -> None:
+    """No load outlives the registry (and the store closed after it); a request waiting on
+    one gets a store fault (503), not a stray cancellation (which would count as a 499)."""
+    store, registry = await _registry(tmp_path)
+    _, secret = await registry.create_key({"name": "k"})
+    store.hold = asyncio.Event()  # never released: only close() can end this load
+    waiting = asyncio.create_task(registry.lookup(secret))
+    await store.reached.wait()
+    await registry.close()
+    with pytest.raises(StoreUnavailable, match="closing"):
+        await asyncio.wait_for(waiting, timeout=2)
+    await store.close()
+
+
+async def test_a_request_after_a_revoke_does_not_join_a_load_from_before_it(
+    tmp_path: Path,
+) -> None:
+    store, registry = await _registry(tmp_path)
+    doc, secret = await registry.create_key({"name": "k"})
+    release = store.hold = asyncio.Event()
+    before = asyncio.create_task(registry.lookup(secret))
+    await store.reached.wait()  # the first load has read the key, still active
+    await registry.revoke_key(doc["id"])
+    after = await asyncio.wait_for(registry.lookup(secret), timeout=2)  # a load of its own
+    assert after is not None and after.revoked
+    release.set()
+    first = await before
+    assert first is not None and not first.revoked  # it asked before the revoke
     await registry.close()
     await store.close()
