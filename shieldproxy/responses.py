@@ -94,17 +94,15 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
     )
     status = decision.status
     keep_alive = request.keep_alive and status not in _CLOSE_AFTER
-    date = rfc822_formatted_time()
-    if decision.retry_after is None and status != 401 and not ctx.response_headers:
-        own, count = _rendered(decision)  # nothing to merge: the common case, floods included
-        text = f"{_FIXED_FIELDS}Date: {date}\r\nX-Request-Id: {request_id}\r\n{own}"
-        lines = _FIXED_LINES + 1 + count
-    else:
-        fields = _fields(ctx, decision)
-        text = f"{_FIXED_FIELDS}Date: {date}\r\n{''.join(fields)}"
-        lines = _FIXED_LINES + len(fields)
+    own, count = _field_lines(ctx, decision)
+    text = f"{_FIXED_FIELDS}Date: {rfc822_formatted_time()}\r\n{own}"
     answer = whole_answer(
-        request, status, text.encode("latin-1", "replace"), lines, body, keep_alive=keep_alive
+        request,
+        status,
+        text.encode("latin-1", "replace"),
+        _FIXED_LINES + count,
+        body,
+        keep_alive=keep_alive,
     )
     return answer or _response(ctx, decision, body, keep_alive)
 
@@ -120,9 +118,9 @@ def _rendered(decision: Decision) -> tuple[str, int]:
     return hit[1], hit[2]
 
 
-def _fields(ctx: RequestContext, decision: Decision) -> list[str]:
-    """Header lines in the order of precedence: the decision's, its Retry-After, then what
-    earlier checks added (a later field replaces an earlier one of the same name)."""
+def _field_lines(ctx: RequestContext, decision: Decision) -> tuple[str, int]:
+    """Header lines in the order of precedence, and how many: the decision's, its Retry-After,
+    then what earlier checks added (a later field replaces an earlier one of the same name)."""
     extra: list[tuple[str, str]] = []
     if decision.retry_after is not None:
         extra.append(("Retry-After", str(decision.retry_after)))
@@ -132,11 +130,12 @@ def _fields(ctx: RequestContext, decision: Decision) -> list[str]:
         extra.append(("WWW-Authenticate", "Bearer"))
     if ctx.response_headers:
         extra += ctx.response_headers
-    pairs = [("X-Request-Id", ctx.request_id), *decision.headers]
-    if extra:  # rare: only then can two fields share a name
-        by_name = {name.lower(): (name, value) for name, value in pairs + extra}
-        pairs = list(by_name.values())
-    return [f"{name}: {value}\r\n" for name, value in pairs]
+    if not extra:  # nothing to merge: the common case, floods included
+        own, count = _rendered(decision)
+        return f"X-Request-Id: {ctx.request_id}\r\n{own}", count + 1
+    pairs = [("X-Request-Id", ctx.request_id), *decision.headers, *extra]
+    by_name = {name.lower(): (name, value) for name, value in pairs}
+    return "".join([f"{name}: {value}\r\n" for name, value in by_name.values()]), len(by_name)
 
 
 def _response(

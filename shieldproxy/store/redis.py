@@ -297,14 +297,12 @@ class RedisStore(RedisRecords, Store):
                     grants.append((dataclasses.replace(c, cost=r.granted, extra=0), r.stamp))
         if leases:
             self.stats.orphan_releases += 1
-        if grants:
-            self.stats.orphan_refunds += 1
-        if leases:
             try:
                 await self.release(leases)
             except StoreError as exc:
                 log.warning("could not release leases of a cancelled request: %s", exc)
         if grants:
+            self.stats.orphan_refunds += 1
             try:
                 await self.refund([c for c, _ in grants], [stamp for _, stamp in grants])
             except StoreError as exc:

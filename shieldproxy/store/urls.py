@@ -53,8 +53,8 @@ def redact(url: str) -> str:
     userinfo, after = _split(rest)
     if userinfo is not None:
         user, colon, _ = userinfo.partition(":")
-        keep = colon and user and not _ambiguous(user)
-        after = f"{user if keep else ''}{':' if colon or not keep else ''}***@{after}"
+        shown = user if colon and not _ambiguous(user) else ""  # without ':' it may be one
+        after = f"{shown}:***@{after}"
     head, question, query = after.partition("?")
     if question:
         masked = [
