@@ -58,11 +58,14 @@ class ProxyHandler:
         finally:
             metrics.in_flight -= 1
             limited = ctx.limit_verdict
-            # Only a concurrency lease or a post-response charge needs work afterwards. Its own
-            # task: a second cancellation (the client closing right after the answer, or the
-            # shutdown) must not skip freeing the slot or billing what the upstream used.
+            # Only a concurrency lease or a post-response charge needs work afterwards. The
+            # limiter's own task: a second cancellation (the client closing right after the
+            # answer, or the shutdown) must not skip freeing the slot or billing what the
+            # upstream used, and the limiter's close() waits for it.
             if limited is not None and (limited.lease is not None or ctx.upstream_charge):
-                await asyncio.shield(settle_limits(ctx, runtime))
+                charge = ctx.upstream_charge if runtime.charge_header else 0
+                settling = runtime.limiter.settle(limited.lease, ctx.limit_hits or (), charge)
+                await asyncio.shield(settling)
 
     def _record(
         self, ctx: RequestContext, status: int, verdict: str, reason: str, started: float
@@ -93,13 +96,3 @@ class ProxyHandler:
     def _fault(self, ctx: RequestContext, decision: Decision) -> web.StreamResponse:
         ctx.decision = decision
         return deny_response(ctx, decision)
-
-
-async def settle_limits(ctx: RequestContext, runtime: Runtime) -> None:
-    """After the response: free concurrency slots, debit what the upstream reported using."""
-    verdict = ctx.limit_verdict
-    assert verdict is not None
-    if verdict.lease is not None:
-        await runtime.limiter.release(verdict.lease)
-    if runtime.charge_header and ctx.upstream_charge and ctx.limit_hits:
-        await runtime.limiter.charge(ctx.limit_hits, ctx.upstream_charge)

@@ -239,27 +239,25 @@ class MemoryCounters:
             e.zset = [item for item in e.zset if item[1] not in gone]
 
     def renew(self, calls: Sequence[LimitCall], now: int) -> None:
-        """Extend concurrency leases still held to `window` from now (limits.lua "renew"); a
-        lease past its expiry stays gone: its slot may be someone else's now.
+        """Hold concurrency leases of requests still in flight until `window` from now
+        (limits.lua "renew"); a lease that is gone (expired, or lost with the store's data) is
+        put back, since its request still runs.
 
         One pass per key however many of its leases are due (a busy route may hold thousands).
         """
         held: dict[str, tuple[int, set[str]]] = {}
         for c in calls:
-            if c.strategy == "concurrency" and c.key in self._entries:
+            if c.strategy == "concurrency":
                 members = held.setdefault(c.key, (c.window_ms, set()))[1]
                 members.update(f"{c.token}:{i}" for i in range(1, c.cost + 1))
         for key, (window_ms, members) in held.items():
-            e = self._entries[key]
-            self._entries.move_to_end(key)  # in use: the last entry to evict
+            if not members:
+                continue  # cost 0 holds no slot
+            e = self._entry(key)
             _zset_purge(e, now)
             kept = [item for item in e.zset if item[1] not in members]
-            if len(kept) == len(e.zset):
-                continue
             expiry = now + window_ms
-            renewed: list[tuple[float, str]] = sorted(
-                (expiry, m) for _, m in e.zset if m in members
-            )
+            renewed: list[tuple[float, str]] = sorted((expiry, m) for m in members)
             # Every live lease expires by now + window, so the renewed ones sort last (ties
             # with a lease granted just now are ordered by member, as in a sorted set).
             e.zset = kept + renewed if not kept or kept[-1] < renewed[0] else sorted(kept + renewed)

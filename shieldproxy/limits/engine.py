@@ -182,6 +182,7 @@ class RateLimiter:
         self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = LimiterStats()
+        store.on_data_lost(self._store_lost_data)
 
     @property
     def degraded(self) -> bool:
@@ -221,7 +222,7 @@ class RateLimiter:
             await self._give_back(self._reserves.drain())
         for lease, _ in list(self._leases.values()):
             await self.release(lease)
-        if self._background:
+        while self._background:  # a settle may spawn its release and then its charge
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._backlog:
             await self._settle_backlog()  # last chance; what still fails is logged as lost
@@ -412,6 +413,19 @@ class RateLimiter:
             return
         await self._shielded(self._release_remote(lease))
 
+    def settle(self, lease: Lease | None, hits: Sequence[Hit], charge: int) -> asyncio.Task[None]:
+        """After a response: free its lease, then debit `charge` more units (see charge()).
+
+        One task that close() waits for, so that the caller may be cancelled (or the process
+        shut down) at any point without leaking the slot or losing the usage.
+        """
+        return self._spawn(self._settle(lease, hits, charge))
+
+    async def _settle(self, lease: Lease | None, hits: Sequence[Hit], charge: int) -> None:
+        if lease is not None:
+            await self.release(lease)
+        await self.charge(hits, charge)
+
     async def charge(self, hits: Sequence[Hit], amount: int) -> None:
         """Debit `amount` more units after the response (e.g. AI tokens used). Never raises."""
         hits = [h for h in hits if h.rule.strategy != "concurrency"]
@@ -570,6 +584,17 @@ class RateLimiter:
         finally:
             self._renewer = None
 
+    def _store_lost_data(self) -> None:
+        """Redis came back empty: put the leases of requests in flight back now rather than at
+        their next renewal (up to half a lease later), while new requests would take their
+        slots."""
+        remote = [t for t, (lease, _) in self._leases.items() if not lease.local]
+        if self._closing or not remote:
+            return
+        for token in remote:
+            self._leases[token] = (self._leases[token][0], -math.inf)
+        self._spawn(self.renew_due())
+
     async def renew_due(self) -> None:
         """Renew every lease past half its length (the loop above calls this; tests may)."""
         now = self._clock()
@@ -595,8 +620,12 @@ class RateLimiter:
 
     def _renewed(self, leases: list[Lease], now: float) -> None:
         for lease in leases:
-            if lease.token in self._leases:  # not released meanwhile
+            if lease.token in self._leases:
                 self._leases[lease.token] = (lease, now + _half_lease(lease))
+            elif not lease.local:
+                # Released while the renewal was on its way: the renewal may have reached the
+                # store after the release (another connection) and put the lease back.
+                self._spawn(self._release_remote(lease))
         self.stats.renewed += len(leases)
 
     async def _release_remote(self, lease: Lease) -> None:

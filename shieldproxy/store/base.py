@@ -157,8 +157,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def renew(self, calls: Sequence[LimitCall]) -> None:
-        """Extend the concurrency leases named by (key, token, cost) that are still held to
-        each call's window from now; a lease that has already expired stays gone."""
+        """Hold the concurrency leases named by (key, token, cost) until each call's window
+        from now. Their requests are still in flight: a lease that is gone (expired, or lost
+        with the store's data) is put back, even if that takes the count over the limit."""
+
+    @abc.abstractmethod
+    def on_data_lost(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` whenever the store shows that it may have lost its data (a Redis
+        restarted empty), so that state held elsewhere can be put back at once: the leases of
+        requests still in flight."""
 
     @abc.abstractmethod
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:

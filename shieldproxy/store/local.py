@@ -131,6 +131,9 @@ class LocalStore(Store):
                     raise
                 await asyncio.sleep(_RETRY_SECONDS)
 
+    def on_data_lost(self, callback: Callable[[], None]) -> None:
+        return None  # counters live and die with this process: never lost under it
+
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:
         return 1
 

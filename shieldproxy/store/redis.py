@@ -153,6 +153,7 @@ class RedisStore(RedisRecords, Store):
         self._heartbeat = load_script("heartbeat")
         self._pending: list[_Pending] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._data_lost: list[Callable[[], None]] = []
         self.stats = RedisStats()
 
     @classmethod
@@ -230,6 +231,9 @@ class RedisStore(RedisRecords, Store):
             # so callers never see an error for it.
             log.info("redis script cache empty; loading %s", script.name)
             await self._client.script_load(script.source)
+            # Most likely restarted, and then empty too.
+            for callback in self._data_lost:
+                callback()
             again = await self._evalsha_many(script, [jobs[i] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
@@ -237,6 +241,9 @@ class RedisStore(RedisRecords, Store):
             if isinstance(r, BaseException):
                 raise r
         return results
+
+    def on_data_lost(self, callback: Callable[[], None]) -> None:
+        self._data_lost.append(callback)
 
     async def _evalsha_many(self, script: Script, jobs: Sequence[Job]) -> list[Any]:
         if len(jobs) == 1:

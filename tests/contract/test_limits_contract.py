@@ -138,20 +138,24 @@ async def test_concurrency_leases_are_renewed_while_their_requests_run(
     assert (await go(limiter, Hit(r, "t"))).allowed
 
 
-async def test_an_expired_lease_is_not_brought_back_by_renewing(
+async def test_a_lease_that_is_gone_is_put_back_by_renewing(
     limiter: RateLimiter, clock: FakeClock
 ) -> None:
-    """A lease that expired (say, its instance stalled) may have had its slot taken: renewing it
-    late must not make two requests hold one slot."""
+    """A lease that expired while its request still ran (say, its instance stalled) may have had
+    its slot taken meanwhile. Both requests run, so renewing puts it back and the count says so:
+    nobody else gets in until one of them ends."""
     r = rule("concurrency", 1, 10)
     late = await go(limiter, Hit(r, "t"))
     clock.advance(11)
     taker = await go(limiter, Hit(r, "t"))  # the expired lease's slot, taken
-    assert late.allowed and taker.allowed and taker.lease is not None
-    await limiter.renew_due()  # the late lease is due (and gone from the store)
+    assert late.allowed and late.lease is not None
+    assert taker.allowed and taker.lease is not None
+    await limiter.renew_due()  # the late lease is due, and gone from the store
+    assert not (await go(limiter, Hit(r, "t"))).allowed, "two requests run on one slot"
     await limiter.release(taker.lease)
-    v = await go(limiter, Hit(r, "t"))
-    assert v.allowed, "the late lease came back and holds the only slot"
+    assert not (await go(limiter, Hit(r, "t"))).allowed, "the late request still runs"
+    await limiter.release(late.lease)
+    assert (await go(limiter, Hit(r, "t"))).allowed
 
 
 async def test_denied_request_consumes_nothing(limiter: RateLimiter) -> None:

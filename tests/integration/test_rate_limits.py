@@ -179,6 +179,46 @@ def test_a_concurrency_slot_is_held_as_long_as_its_request_runs(
     assert (slow_status, during, code, after) == (200, 429, "concurrency_limited", 200)
 
 
+@pytest.mark.slow
+def test_a_redis_restarted_empty_gets_the_slots_of_running_requests_back(
+    proxy_factory: ProxyFactory, fault_redis: RedisServer
+) -> None:
+    """A Redis restarted empty has forgotten the leases of requests still running. The proxy
+    puts them back as soon as it sees the restart (the scripts are gone too), not at their next
+    renewal half a lease later, so a running request's slot is not given away meanwhile."""
+    proxy = proxy_factory(limit_config("concurrency", 1, 60), args=("--store", fault_redis.url))
+
+    async def scenario() -> tuple[int, int, list[int]]:
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession() as session:
+
+            async def fetch(path: str) -> tuple[int, bool]:
+                async with session.get(f"http://127.0.0.1:{proxy.port}{path}") as response:
+                    await response.read()
+                    return response.status, "X-Shield-Degraded" in response.headers
+
+            slow = asyncio.create_task(fetch("/slow?seconds=4"))
+            await asyncio.sleep(0.5)
+            before, _ = await fetch("/x")
+            await loop.run_in_executor(None, fault_redis.restart_empty)
+            by_redis: list[int] = []  # answers after the restart that Redis decided
+            deadline = loop.time() + 3
+            while len(by_redis) < 4 and loop.time() < deadline:
+                status, degraded = await fetch("/x")
+                if not degraded:
+                    by_redis.append(status)
+                await asyncio.sleep(0.05)
+            slow_status, _ = await slow
+            return before, slow_status, by_redis
+
+    before, slow_status, by_redis = asyncio.run(scenario())
+    assert (before, slow_status) == (429, 200)
+    # The request whose call found Redis empty may pass (the lease is put back after it).
+    assert len(by_redis) == 4 and by_redis[1:] == [429, 429, 429], by_redis
+    assert get(proxy.port, "/x").status == 200  # the slow request ended: its slot is free
+    assert "Traceback" not in proxy.log()
+
+
 def wait_workers(proxy: Proxy, count: int) -> None:
     seen: set[int] = set()
     deadline = time.monotonic() + 20

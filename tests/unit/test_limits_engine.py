@@ -159,6 +159,28 @@ async def test_release_and_charge_never_raise_when_store_is_down(
     assert limiter.stats.release_errors == 1 and limiter.stats.charge_errors == 1
 
 
+async def test_close_sees_a_settle_through_after_its_caller_was_cancelled(
+    roomy: RedisStore, fault_redis: RedisServer
+) -> None:
+    """At the end of the shutdown budget a request waiting for its settle is cancelled and the
+    store is closed right after the limiter: the slot must still be freed, and the usage the
+    upstream reported (charged after the release) must still reach the store."""
+    limiter = RateLimiter(roomy, settings=LimiterSettings(reserve_seconds=0))
+    slot = rule("slot", strategy="concurrency", requests=1)
+    budget = rule("budget", strategy="fixed_window", requests=100)
+    hits = [Hit(slot, "x"), Hit(budget, "x")]
+    v = await limiter.check(hits)
+    assert v.lease is not None
+    waiting = asyncio.ensure_future(asyncio.shield(limiter.settle(v.lease, hits, 40)))
+    await asyncio.sleep(0)
+    waiting.cancel()  # the request's handler, cut by the shutdown budget
+    await limiter.close()
+    # Read before the loop runs again: by now both must be in Redis, not merely under way.
+    assert fault_redis.cli("ZCARD", limit_key("sp:", slot, "x")) == "0"
+    assert fault_redis.cli("HGET", limit_key("sp:", budget, "x"), "n") == str(1 + 40)
+    assert limiter.stats.charge_errors == 0 and limiter.stats.release_errors == 0
+
+
 async def test_a_lease_renewal_that_fails_is_asked_again_after_recovery(
     store: Store, fault_redis: RedisServer
 ) -> None:

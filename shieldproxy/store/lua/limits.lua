@@ -10,7 +10,7 @@
 -- ARGV[1]: test-only clock override in whole milliseconds; "" in production, where the time
 --   comes from Redis TIME so that every proxy instance agrees.
 -- ARGV[2]: mode: "acquire" | "charge" (consume unconditionally) | "release" (drop concurrency
---   leases) | "renew" (extend concurrency leases still held by window ms from now) | "refund" (give back units consumed earlier: a cluster request denied on another
+--   leases) | "renew" (hold concurrency leases of requests still in flight until window ms from now) | "refund" (give back units consumed earlier: a cluster request denied on another
 --   shard, or reserved units not spent; token_bucket gives back only what time has not).
 -- ARGV[3..]: one string per request (the number of requests is #ARGV - 2), holding that
 --   request's calls back to back, in KEYS order, each as one record (built by
@@ -160,15 +160,15 @@ end
 local function zset_remove(c)
   for i = 1, c.cost do redis.call('ZREM', c.key, c.token .. ':' .. i) end
 end
--- A lease past its expiry is gone (its slot may be someone else's now), whether or not a
--- request has purged it yet; XX leaves it gone.
+-- The caller renews only leases whose requests are still in flight, so a lease that is gone
+-- (expired while its instance stalled, or lost when Redis restarted empty) is put back: the
+-- count must say how many requests really run, even if that is over the limit for a while.
 local function zset_renew(c)
   redis.call('ZREMRANGEBYSCORE', c.key, '-inf', now)
-  local renewed = 0
   for i = 1, c.cost do
-    renewed = renewed + redis.call('ZADD', c.key, 'XX', 'CH', now + c.window, c.token .. ':' .. i)
+    redis.call('ZADD', c.key, now + c.window, c.token .. ':' .. i)
   end
-  if renewed > 0 then redis.call('PEXPIRE', c.key, c.window + slack) end
+  redis.call('PEXPIRE', c.key, c.window + slack)
 end
 
 eval.sliding_log = function(c)
