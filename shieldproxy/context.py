@@ -36,6 +36,7 @@ class RequestContext:
         "request_id",
         "response_headers",
         "route",
+        "sent_status",
         "shadow_denials",
         "started",
         "tenant_id",
@@ -68,6 +69,7 @@ class RequestContext:
         self.response_headers: list[tuple[str, str]] | None = None  # checks: added to response
         self.upstream_headers: list[tuple[str, str]] | None = None  # checks: identity to upstream
         self.upstream_charge = 0  # forwarder: units the upstream reported (charge_header)
+        self.sent_status = 0  # forwarder: status of a streamed answer once its head is sent
         self.upstream_error: ShieldError | None = None  # forwarder: fault after headers were sent
 
     def add_upstream_header(self, name: str, value: str) -> None:

@@ -298,6 +298,7 @@ class Forwarder:
         if head.content_length is not None:
             response.content_length = head.content_length
         await response.prepare(ctx.request)
+        ctx.sent_status = status
         try:
             while chunk := await conn.read_chunk():
                 await response.write(chunk)

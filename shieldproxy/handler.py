@@ -8,7 +8,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from shieldproxy.context import RequestContext
-from shieldproxy.decision import Decision, deny
+from shieldproxy.decision import ALLOW, Decision, deny
 from shieldproxy.errors import ShieldError, UpstreamError, fault_decision
 from shieldproxy.metrics import UNMATCHED_ROUTE
 from shieldproxy.responses import deny_response
@@ -38,18 +38,18 @@ class ProxyHandler:
                 response = await self._forward(ctx, runtime)
             else:
                 response = deny_response(ctx, decision)
-            final = ctx.decision or decision
-            verdict = "allow" if final.allowed else "deny"
-            if ctx.shadow_denials and final.allowed:
-                verdict = "shadow_deny"
-            self._record(ctx, response.status, verdict, final.code, started)
+            self._record_answer(ctx, response.status, ctx.decision or decision, started)
             return response
         except asyncio.CancelledError:
             # aiohttp cancels a request whose client hung up (handler_cancellation), and one
             # still running when the shutdown budget ends; its upstream work was closed on the
-            # way out. Counted as nginx logs it: 499.
+            # way out. Counted as nginx logs it: 499, unless the answer had begun (a stream cut
+            # short counts as the status it was sent with, however the loss was noticed).
             ctx.client_gone = True
-            self._record(ctx, CANCELLED, "cancelled", "", started)
+            if ctx.sent_status:
+                self._record_answer(ctx, ctx.sent_status, ALLOW, started)
+            else:
+                self._record(ctx, CANCELLED, "cancelled", "", started)
             raise
         except Exception:
             # A bug: aiohttp logs it and answers 500; it is counted like any other answer.
@@ -66,6 +66,14 @@ class ProxyHandler:
                 charge = ctx.upstream_charge if runtime.charge_header else 0
                 settling = runtime.limiter.settle(limited.lease, ctx.limit_hits or (), charge)
                 await asyncio.shield(settling)
+
+    def _record_answer(
+        self, ctx: RequestContext, status: int, final: Decision, started: float
+    ) -> None:
+        verdict = "allow" if final.allowed else "deny"
+        if ctx.shadow_denials and final.allowed:
+            verdict = "shadow_deny"
+        self._record(ctx, status, verdict, final.code, started)
 
     def _record(
         self, ctx: RequestContext, status: int, verdict: str, reason: str, started: float

@@ -207,7 +207,8 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
     requests = CounterMetricFamily(
         "shieldproxy_requests",
         "Requests answered, by route, status class and decision (allow, deny, shadow_deny; "
-        "cancelled with status 499: the client hung up first, or the shutdown budget ended; "
+        "cancelled with status 499: the client hung up, or the shutdown budget ended, before "
+        "the answer began; "
         "error with status 500: a bug, logged).",
         labels=["route", "status_class", "decision"],
     )

@@ -87,6 +87,7 @@ async def relay_websocket(ctx: RequestContext, runtime: Runtime) -> web.StreamRe
     )
     client.headers["X-Request-Id"] = ctx.request_id
     await client.prepare(request)
+    ctx.sent_status = client.status
     await _pump_both(client, upstream)
     return client
 

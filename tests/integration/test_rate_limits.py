@@ -380,3 +380,32 @@ def test_a_client_that_hangs_up_frees_its_slot_and_its_upstream_at_once(
     metrics = get(proxy.admin_port, "/metrics", headers=token).body.decode()
     assert re.search(r'shieldproxy_requests_total\{decision="cancelled".*\} 1\.0', metrics)
     assert "Traceback" not in proxy.log()
+
+
+def test_a_stream_cut_short_by_its_client_counts_as_the_status_it_was_sent_with(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """As nginx logs it: 499 only for a client gone before its answer began. Here the client
+    hangs up while the proxy waits for the next event of a stream already answered 200 (so
+    aiohttp cancels the handler rather than a write failing)."""
+    proxy = proxy_factory()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        client.sendall(b"GET /sse?n=50&delay=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = client.recv(65536)
+        while b"data: event 0" not in head:
+            head += client.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200 ")
+    token = {"Authorization": f"Bearer {proxy.admin_token}"}
+    pattern = (
+        r'shieldproxy_requests_total\{decision="(\w+)",route="[^"]*",status_class="(\w+)"\} 1\.0'
+    )
+    deadline = time.monotonic() + 5
+    while not (
+        counted := re.findall(
+            pattern, get(proxy.admin_port, "/metrics", headers=token).body.decode()
+        )
+    ):
+        assert time.monotonic() < deadline, "the request was never counted"
+        time.sleep(0.05)
+    assert counted == [("allow", "2xx")]
+    assert "Traceback" not in proxy.log()
