@@ -262,7 +262,7 @@ def _families(m: ProxyMetrics) -> Iterator[Metric]:
         "shadow_denied, degraded (answered by fallback), reserved (admitted from units reserved "
         "ahead, no storage call), refills (background calls reserving more for a busy subject), "
         "given_back (reserved units returned unspent), renewed (concurrency leases extended for "
-        "requests outliving half a lease), errors.",
+        "requests outliving half a lease, or put back into a store that lost them), errors.",
         "event",
         m.limiter,
     )

@@ -102,7 +102,9 @@ class LimiterStats:
     degraded: int = 0  # answered by fallback
     store_errors: int = 0
     release_errors: int = 0
-    renewed: int = 0  # concurrency leases extended because their request outlived half of one
+    # concurrency leases held on because their request outlived half of one, or put back into
+    # a store that lost them
+    renewed: int = 0
     renew_errors: int = 0
     charge_errors: int = 0
     quota_owed: int = 0  # quota units admitted during an outage, queued for the store
@@ -176,6 +178,7 @@ class RateLimiter:
         # token -> (lease held by a request in flight, clock time its renewal is due)
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._restoring = False  # putting leases back into a store that lost them
         self._degraded = False
         self._refused = False  # refused since the last heartbeat that got through (logged)
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -222,7 +225,7 @@ class RateLimiter:
             await self._give_back(self._reserves.drain())
         for lease, _ in list(self._leases.values()):
             await self.release(lease)
-        while self._background:  # a settle may spawn its release and then its charge
+        while self._background:  # what they spawn too (a renewal's second release)
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._backlog:
             await self._settle_backlog()  # last chance; what still fails is logged as lost
@@ -584,16 +587,20 @@ class RateLimiter:
         finally:
             self._renewer = None
 
-    def _store_lost_data(self) -> None:
+    async def _store_lost_data(self) -> None:
         """Redis came back empty: put the leases of requests in flight back now rather than at
         their next renewal (up to half a lease later), while new requests would take their
-        slots."""
-        remote = [t for t, (lease, _) in self._leases.items() if not lease.local]
-        if self._closing or not remote:
-            return
-        for token in remote:
-            self._leases[token] = (self._leases[token][0], -math.inf)
-        self._spawn(self.renew_due())
+        slots. The store awaits this before retrying the call that found out."""
+        if self._restoring or self._closing:
+            return  # another call found out too (or this pass's own renewal did)
+        self._restoring = True
+        try:
+            for token, (lease, _) in list(self._leases.items()):
+                if not lease.local:
+                    self._leases[token] = (lease, -math.inf)
+            await self.renew_due()
+        finally:
+            self._restoring = False
 
     async def renew_due(self) -> None:
         """Renew every lease past half its length (the loop above calls this; tests may)."""
@@ -607,7 +614,8 @@ class RateLimiter:
         # In slices: leases granted together fall due together, and one script call must stay
         # small enough for the per-call budget (and must not hold Redis up).
         for start in range(0, len(remote), _RENEW_SLICE):
-            part = remote[start : start + _RENEW_SLICE]
+            # Leases released during an earlier slice's round trip are not renewed.
+            part = [lease for lease in remote[start : start + _RENEW_SLICE] if self._holds(lease)]
             try:
                 await self._store.renew([c for lease in part for c in lease.calls])
             except StoreError as exc:
@@ -616,16 +624,22 @@ class RateLimiter:
                 if self.stats.renew_errors & (self.stats.renew_errors - 1) == 0:  # 1, 2, 4, 8...
                     log.warning("could not renew %d concurrency leases: %s", len(part), exc)
                 return
+            finally:
+                # A renewal puts back a lease that is gone. One released while the renewal was
+                # on its way (its reply lost, or not awaited any more) may have been put back
+                # after its release, which travels on another connection: release it again.
+                for lease in part:
+                    if not self._holds(lease):
+                        self._spawn(self._release_remote(lease))
             self._renewed(part, now)
+
+    def _holds(self, lease: Lease) -> bool:
+        return lease.token in self._leases
 
     def _renewed(self, leases: list[Lease], now: float) -> None:
         for lease in leases:
-            if lease.token in self._leases:
+            if lease.token in self._leases:  # not released meanwhile
                 self._leases[lease.token] = (lease, now + _half_lease(lease))
-            elif not lease.local:
-                # Released while the renewal was on its way: the renewal may have reached the
-                # store after the release (another connection) and put the lease back.
-                self._spawn(self._release_remote(lease))
         self.stats.renewed += len(leases)
 
     async def _release_remote(self, lease: Lease) -> None:

@@ -16,7 +16,7 @@ the library and never escape it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -162,10 +162,11 @@ class Store(abc.ABC):
         with the store's data) is put back, even if that takes the count over the limit."""
 
     @abc.abstractmethod
-    def on_data_lost(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` whenever the store shows that it may have lost its data (a Redis
-        restarted empty), so that state held elsewhere can be put back at once: the leases of
-        requests still in flight."""
+    def on_data_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await `callback()` whenever the store finds that it may have lost its data (a Redis
+        restarted empty), so that state held elsewhere is put back: the leases of requests
+        still in flight. Called before the call that found out is retried, and from the
+        heartbeat that finds this instance gone (so every instance learns of it)."""
 
     @abc.abstractmethod
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:

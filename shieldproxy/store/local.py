@@ -20,7 +20,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ class LocalStore(Store):
                     raise
                 await asyncio.sleep(_RETRY_SECONDS)
 
-    def on_data_lost(self, callback: Callable[[], None]) -> None:
+    def on_data_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
         return None  # counters live and die with this process: never lost under it
 
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:

@@ -153,7 +153,8 @@ class RedisStore(RedisRecords, Store):
         self._heartbeat = load_script("heartbeat")
         self._pending: list[_Pending] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._data_lost: list[Callable[[], None]] = []
+        self._data_lost: list[Callable[[], Awaitable[None]]] = []
+        self._beating: set[str] = set()  # instance ids that have had a heartbeat through
         self.stats = RedisStats()
 
     @classmethod
@@ -231,9 +232,9 @@ class RedisStore(RedisRecords, Store):
             # so callers never see an error for it.
             log.info("redis script cache empty; loading %s", script.name)
             await self._client.script_load(script.source)
-            # Most likely restarted, and then empty too.
-            for callback in self._data_lost:
-                callback()
+            # Most likely restarted, and then empty too: what others hold goes back first, so
+            # that the requests retried here are not checked against an empty set.
+            await self._lost_data()
             again = await self._evalsha_many(script, [jobs[i] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
@@ -242,8 +243,12 @@ class RedisStore(RedisRecords, Store):
                 raise r
         return results
 
-    def on_data_lost(self, callback: Callable[[], None]) -> None:
+    def on_data_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._data_lost.append(callback)
+
+    async def _lost_data(self) -> None:
+        for callback in self._data_lost:
+            await callback()
 
     async def _evalsha_many(self, script: Script, jobs: Sequence[Job]) -> list[Any]:
         if len(jobs) == 1:
@@ -483,7 +488,15 @@ class RedisStore(RedisRecords, Store):
         replies = await self._guarded(
             lambda: self._roundtrip(self._heartbeat, [job]), self._records_timeout
         )
-        return int(replies[0])
+        live, absent = (int(n) for n in replies[0])
+        if ttl_seconds > 0:
+            # Only the first process to call a restarted Redis gets NOSCRIPT; every instance
+            # learns it here within one heartbeat, by finding itself gone from the live set.
+            if absent and instance_id in self._beating:
+                log.info("redis lost this instance's heartbeat: restarted empty, or unreachable")
+                await self._lost_data()
+            self._beating.add(instance_id)
+        return live
 
     async def ping(self) -> None:
         # Startup's check, not the hot path: a first TLS handshake or cluster discovery may

@@ -146,6 +146,7 @@ async def _agree(url: str, tmp_path: Path, rules: list[LimitRule], ops: list[Op]
     raw = aioredis.Redis.from_url(url)
     await raw.flushall()
     held: list[list[LimitCall]] = []
+    released: list[list[LimitCall]] = []
     reserved: list[tuple[LimitCall, int]] = []  # granted units, to give back, with their stamp
     try:
         for n, op in enumerate(ops):
@@ -185,12 +186,16 @@ async def _agree(url: str, tmp_path: Path, rules: list[LimitRule], ops: list[Op]
                 twin.charge(calls, now[0])
                 await store.charge(calls)
             elif op.kind == "renew":
-                if held:  # the oldest lease still held: it may have expired meanwhile
-                    twin.renew(held[0], now[0])
-                    await store.renew(held[0])
+                # The oldest lease still held (it may have expired meanwhile), or every other
+                # time one released already (a renewal that crossed its release puts it back).
+                pool = released if released and n % 2 else held
+                if pool:
+                    twin.renew(pool[0], now[0])
+                    await store.renew(pool[0])
             elif held:
                 twin.release(held[0])
-                await store.release(held.pop(0))
+                await store.release(held[0])
+                released.append(held.pop(0))
     finally:
         await raw.aclose()
         await store.close()
