@@ -178,7 +178,6 @@ class RateLimiter:
         # token -> (lease held by a request in flight, clock time its renewal is due)
         self._leases: dict[str, tuple[Lease, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
-        self._restoring = False  # putting leases back into a store that lost them
         self._degraded = False
         self._refused = False  # refused since the last heartbeat that got through (logged)
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -590,17 +589,13 @@ class RateLimiter:
     async def _store_lost_data(self) -> None:
         """Redis came back empty: put the leases of requests in flight back now rather than at
         their next renewal (up to half a lease later), while new requests would take their
-        slots. The store awaits this before retrying the call that found out."""
-        if self._restoring or self._closing:
-            return  # another call found out too (or this pass's own renewal did)
-        self._restoring = True
-        try:
-            for token, (lease, _) in list(self._leases.items()):
-                if not lease.local:
-                    self._leases[token] = (lease, -math.inf)
-            await self.renew_due()
-        finally:
-            self._restoring = False
+        slots. A task of the limiter's own, so that close() waits for it."""
+        if self._closing:
+            return
+        for token, (lease, _) in list(self._leases.items()):
+            if not lease.local:
+                self._leases[token] = (lease, -math.inf)
+        await asyncio.shield(self._spawn(self.renew_due()))
 
     async def renew_due(self) -> None:
         """Renew every lease past half its length (the loop above calls this; tests may)."""

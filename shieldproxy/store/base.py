@@ -163,10 +163,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def on_data_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Await `callback()` whenever the store finds that it may have lost its data (a Redis
-        restarted empty), so that state held elsewhere is put back: the leases of requests
-        still in flight. Called before the call that found out is retried, and from the
-        heartbeat that finds this instance gone (so every instance learns of it)."""
+        """Run `callback()` in the background whenever the store finds that it may have lost
+        its data (a Redis restarted empty), so that state held elsewhere is put back: the
+        leases of requests still in flight. Found by the first call to get NOSCRIPT, and by any
+        heartbeat that finds its instance gone (so every instance learns of it)."""
 
     @abc.abstractmethod
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:

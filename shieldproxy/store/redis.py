@@ -154,6 +154,7 @@ class RedisStore(RedisRecords, Store):
         self._pending: list[_Pending] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._data_lost: list[Callable[[], Awaitable[None]]] = []
+        self._restoring: asyncio.Task[None] | None = None  # running the callbacks above
         self._beating: set[str] = set()  # instance ids that have had a heartbeat through
         self.stats = RedisStats()
 
@@ -232,9 +233,11 @@ class RedisStore(RedisRecords, Store):
             # so callers never see an error for it.
             log.info("redis script cache empty; loading %s", script.name)
             await self._client.script_load(script.source)
-            # Most likely restarted, and then empty too: what others hold goes back first, so
-            # that the requests retried here are not checked against an empty set.
-            await self._lost_data()
+            # Most likely restarted, and then empty too: what others hold goes back at once.
+            # Redis answered, so the breaker closes now: the restore's own calls must not be
+            # turned away because this call is the half-open probe.
+            self._breaker.success()
+            self._lost_data()
             again = await self._evalsha_many(script, [jobs[i] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
@@ -246,9 +249,20 @@ class RedisStore(RedisRecords, Store):
     def on_data_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._data_lost.append(callback)
 
-    async def _lost_data(self) -> None:
+    def _lost_data(self) -> None:
+        """Start the callbacks in a task of their own: outside the budget and the breaker turn
+        of the call that found out, and one run at a time however many calls find out."""
+        if self._data_lost and (self._restoring is None or self._restoring.done()):
+            self._restoring = asyncio.create_task(self._run_lost_data())
+            self._tasks.add(self._restoring)
+            self._restoring.add_done_callback(self._tasks.discard)
+
+    async def _run_lost_data(self) -> None:
         for callback in self._data_lost:
-            await callback()
+            try:
+                await callback()
+            except Exception:  # one holder's bug must not keep the others' state out
+                log.exception("putting state back into redis failed")
 
     async def _evalsha_many(self, script: Script, jobs: Sequence[Job]) -> list[Any]:
         if len(jobs) == 1:
@@ -494,8 +508,10 @@ class RedisStore(RedisRecords, Store):
             # learns it here within one heartbeat, by finding itself gone from the live set.
             if absent and instance_id in self._beating:
                 log.info("redis lost this instance's heartbeat: restarted empty, or unreachable")
-                await self._lost_data()
+                self._lost_data()
             self._beating.add(instance_id)
+        else:
+            self._beating.discard(instance_id)
         return live
 
     async def ping(self) -> None:

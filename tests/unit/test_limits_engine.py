@@ -218,24 +218,49 @@ async def test_a_lease_renewal_that_fails_is_asked_again_after_recovery(
     await limiter.close()
 
 
-async def test_a_redis_restarted_empty_gets_leases_back_before_the_retried_calls(
-    roomy: RedisStore, fault_redis: RedisServer
+async def _until_held(fault_redis: RedisServer, key: str, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while fault_redis.cli("ZCARD", key) != str(count):
+        assert time.monotonic() < deadline, f"{key} never held {count} leases"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("breaker", ["closed", "open"])
+async def test_a_redis_restarted_empty_gets_the_leases_of_running_requests_back(
+    store: Store, fault_redis: RedisServer, breaker: str
 ) -> None:
-    """The call that finds Redis empty (NOSCRIPT) is retried only once the leases of requests
-    in flight are back, so not even the requests in that call can take their slots."""
-    limiter = RateLimiter(roomy)
+    """The first call to find Redis empty (NOSCRIPT) sets off putting the leases of requests in
+    flight back, at once rather than at their next renewal. When the breaker was open, that
+    call is its half-open probe, which must not turn the restore's own calls away."""
+    limiter = RateLimiter(store)
     conc = rule("slots", strategy="concurrency", requests=2)
+    other = rule("other", "open")
+    key = limit_key("sp:", conc, "x")
     running = [await limiter.check([Hit(conc, "x")]) for _ in range(2)]
     assert all(v.allowed and v.lease is not None for v in running)
-    fault_redis.restart_empty()
-    late = await asyncio.gather(*(limiter.check([Hit(conc, "x")]) for _ in range(5)))
-    assert [v.allowed for v in late] == [False] * 5
-    assert fault_redis.cli("ZCARD", limit_key("sp:", conc, "x")) == "2"
+    if breaker == "open":
+        fault_redis.kill9()
+        while not store_is_open(store):
+            assert (await limiter.check([Hit(other, "y")])).degraded
+        fault_redis.start()  # back, empty
+        await asyncio.sleep(COOLDOWN + 0.05)
+    else:
+        fault_redis.restart_empty()
+    first = await limiter.check([Hit(other, "y")])  # finds Redis empty (the probe, if open)
+    assert not first.degraded
+    await _until_held(fault_redis, key, 2)
+    assert limiter.stats.renew_errors == 0
+    assert not (await limiter.check([Hit(conc, "x")])).allowed
     for v in running:
         assert v.lease is not None
         await limiter.release(v.lease)
     assert (await limiter.check([Hit(conc, "x")])).allowed
     await limiter.close()
+
+
+def store_is_open(store: Store) -> bool:
+    assert isinstance(store, RedisStore)
+    return store._breaker.is_open
 
 
 async def test_every_instance_learns_of_a_restart_from_its_heartbeat(
@@ -257,7 +282,7 @@ async def test_every_instance_learns_of_a_restart_from_its_heartbeat(
         assert taker.allowed and taker.lease is not None
         assert fault_redis.cli("ZCARD", limit_key("sp:", conc, "x")) == "1"
         await limiter._beat()  # what the heartbeat loop does every few seconds
-        assert fault_redis.cli("ZCARD", limit_key("sp:", conc, "x")) == "2"
+        await _until_held(fault_redis, limit_key("sp:", conc, "x"), 2)
         await neighbour.release(taker.lease)
         await limiter.release(running.lease)
         assert fault_redis.cli("ZCARD", limit_key("sp:", conc, "x")) == "0"
