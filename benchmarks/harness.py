@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,21 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int, *, include_children: bool = False) -> float:
+    """User + system CPU time `pid` (plus its descendants) has used so far."""
+    ticks = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):
+            # Fields 14 and 15 (utime, stime); the command name (field 2) may contain spaces.
+            after_name = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(after_name[11]) + int(after_name[12])
+        if include_children:
+            pending.extend(_children(current))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int, *, include_children: bool = False) -> int:
     """VmRSS of `pid` (plus its descendants, for a supervisor with workers), in KiB."""
     total = 0
@@ -262,6 +278,9 @@ class WrkResult:
     requests: int
     errors: int
     non_2xx: int
+    # CPU time (user + system) the target's process spent per request during the run, when the
+    # target has a process of ours: what its throughput would be bound by on a quiet core.
+    cpu_us_per_request: float | None = None
 
     @property
     def valid(self) -> bool:
@@ -337,6 +356,7 @@ class Target:
     def median(self) -> WrkResult:
         """Per-metric median over the runs; error counts are summed (any error spoils it)."""
         runs = self.runs
+        cpu = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
         return WrkResult(
             requests_per_s=statistics.median(r.requests_per_s for r in runs),
             p50_ms=statistics.median(r.p50_ms for r in runs),
@@ -344,7 +364,19 @@ class Target:
             requests=sum(r.requests for r in runs),
             errors=sum(r.errors for r in runs),
             non_2xx=sum(r.non_2xx for r in runs),
+            cpu_us_per_request=statistics.median(cpu) if cpu else None,
         )
+
+    def measure(self, run: Callable[[], WrkResult]) -> WrkResult:
+        """`run()` (one wrk run, and whatever the caller reads around it), with the CPU our
+        process spent on it per request."""
+        if self.rss_pid is None:
+            return run()
+        before = cpu_seconds(self.rss_pid, include_children=self.rss_children)
+        result = run()
+        spent = cpu_seconds(self.rss_pid, include_children=self.rss_children) - before
+        per_request = spent * 1e6 / result.requests if result.requests else None
+        return replace(result, cpu_us_per_request=per_request)
 
     def sample_rss(self) -> None:
         if self.rss_pid is not None:
@@ -374,7 +406,7 @@ def run_rounds(
             run_wrk(load, target.url, warmup_s)
     for round_no in range(1, runs + 1):
         for target in targets:
-            result = run_wrk(load, target.url)
+            result = target.measure(partial(run_wrk, load, target.url))
             target.runs.append(result)
             flag = "" if result.valid else "  << errors!"
             log(
@@ -403,15 +435,16 @@ def per_round_ratios(top: Target, bottom: Target, metric: str) -> list[float]:
 
 def print_table(targets: Sequence[Target], out: Any = sys.stdout) -> None:
     header = f"{'target':<14}{'req/s':>12}{'p50':>11}{'p99':>11}{'errors':>8}{'non-2xx':>9}"
-    header += f"{'RSS':>10}"
+    header += f"{'RSS':>10}{'CPU/req':>10}"
     print(header, file=out)
     print("-" * len(header), file=out)
     for target in targets:
         m = target.median()
         rss = f"{target.rss_kib / 1024:.1f}MiB" if target.rss_kib is not None else "-"
+        cpu = f"{m.cpu_us_per_request:.1f}µs" if m.cpu_us_per_request is not None else "-"
         print(
             f"{target.name:<14}{m.requests_per_s:>12,.0f}{fmt_ms(m.p50_ms):>11}"
-            f"{fmt_ms(m.p99_ms):>11}{m.errors:>8}{m.non_2xx:>9}{rss:>10}",
+            f"{fmt_ms(m.p99_ms):>11}{m.errors:>8}{m.non_2xx:>9}{rss:>10}{cpu:>10}",
             file=out,
         )
 

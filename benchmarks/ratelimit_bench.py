@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -600,7 +601,7 @@ def run_all(
     log: Callable[[str], None] = print
     for round_no in range(1, args.runs + 1):
         for name, bench in benches.items():
-            result = run_bench(bench, client, scripts)
+            result = bench.target.measure(partial(run_bench, bench, client, scripts))
             bench.target.runs.append(result)
             ok = run_valid(bench, result)
             bench.valid.append(ok)
