@@ -228,33 +228,35 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int, *, include_children: bool = False) -> float:
-    """User + system CPU time `pid` (plus its descendants) has used so far."""
-    ticks = 0
+def _tree(pid: int, include_children: bool) -> Iterator[int]:
+    """`pid`, then (when asked) its descendants: a supervisor and its workers."""
     pending = [pid]
     while pending:
         current = pending.pop()
+        yield current
+        if include_children:
+            pending.extend(_children(current))
+
+
+def cpu_seconds(pid: int, *, include_children: bool = False) -> float:
+    """User + system CPU time `pid` (plus its descendants) has used so far."""
+    ticks = 0
+    for current in _tree(pid, include_children):
         with contextlib.suppress(OSError):
             # Fields 14 and 15 (utime, stime); the command name (field 2) may contain spaces.
             after_name = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
             ticks += int(after_name[11]) + int(after_name[12])
-        if include_children:
-            pending.extend(_children(current))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int, *, include_children: bool = False) -> int:
     """VmRSS of `pid` (plus its descendants, for a supervisor with workers), in KiB."""
     total = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
+    for current in _tree(pid, include_children):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-        if include_children:
-            pending.extend(_children(current))
     return total
 
 
