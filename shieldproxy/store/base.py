@@ -163,10 +163,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def on_data_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Run `callback()` in the background whenever the store finds that it may have lost
-        its data (a Redis restarted empty), so that state held elsewhere is put back: the
-        leases of requests still in flight. Found by the first call to get NOSCRIPT, and by any
-        heartbeat that finds its instance gone (so every instance learns of it)."""
+        """Run `callback()` in the background when the store finds that it may have lost its
+        data (a Redis restarted empty), so that state held elsewhere is put back: the leases of
+        requests still in flight. Found by a call that gets NOSCRIPT (once Redis has answered
+        it) and by a heartbeat that finds its instance gone, so every instance learns of it;
+        one run at a time, repeated if the store finds out again while it runs."""
 
     @abc.abstractmethod
     async def heartbeat(self, instance_id: str, ttl_seconds: float) -> int:

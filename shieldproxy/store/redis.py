@@ -155,6 +155,10 @@ class RedisStore(RedisRecords, Store):
         self._tasks: set[asyncio.Task[None]] = set()
         self._data_lost: list[Callable[[], Awaitable[None]]] = []
         self._restoring: asyncio.Task[None] | None = None  # running the callbacks above
+        self._lost_again = False  # found out again while they ran: run them once more
+        self._found_empty = False  # a call found the scripts gone: tell once Redis has answered
+        self._ran: set[str] = set()  # scripts that have run here: their loss means a restart
+        self._closing = False
         self._beating: set[str] = set()  # instance ids that have had a heartbeat through
         self.stats = RedisStats()
 
@@ -218,10 +222,18 @@ class RedisStore(RedisRecords, Store):
             if isinstance(err, StoreUnavailable):
                 self._breaker.failure()
             else:
-                self._breaker.success()
+                self._answered()
             raise err from exc
-        self._breaker.success()
+        self._answered()
         return result
+
+    def _answered(self) -> None:
+        self._breaker.success()
+        if self._found_empty:
+            # Only now: had the call that found out been the half-open probe, the restore's
+            # own calls would have been turned away while it ran.
+            self._found_empty = False
+            self._lost_data()
 
     async def _roundtrip(self, script: Script, jobs: Sequence[Job]) -> list[Any]:
         """Run jobs (one EVALSHA each) in one pipelined trip; reload once on NOSCRIPT."""
@@ -233,36 +245,45 @@ class RedisStore(RedisRecords, Store):
             # so callers never see an error for it.
             log.info("redis script cache empty; loading %s", script.name)
             await self._client.script_load(script.source)
-            # Most likely restarted, and then empty too: what others hold goes back at once.
-            # Redis answered, so the breaker closes now: the restore's own calls must not be
-            # turned away because this call is the half-open probe.
-            self._breaker.success()
-            self._lost_data()
+            if script.name in self._ran:
+                # It ran before, so Redis restarted (or failed over, or was flushed), most
+                # likely empty: what others hold goes back once this call has its answer.
+                self._found_empty = True
             again = await self._evalsha_many(script, [jobs[i] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        self._ran.add(script.name)
         return results
 
     def on_data_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._data_lost.append(callback)
 
     def _lost_data(self) -> None:
-        """Start the callbacks in a task of their own: outside the budget and the breaker turn
-        of the call that found out, and one run at a time however many calls find out."""
-        if self._data_lost and (self._restoring is None or self._restoring.done()):
-            self._restoring = asyncio.create_task(self._run_lost_data())
-            self._tasks.add(self._restoring)
-            self._restoring.add_done_callback(self._tasks.discard)
+        """Run the callbacks in a task of their own, outside the budget of the call that found
+        out: one run at a time, and once more if anyone finds out again while it runs (a second
+        restart must not be missed because the first restore was still busy)."""
+        if not self._data_lost or self._closing:
+            return
+        if self._restoring is not None and not self._restoring.done():
+            self._lost_again = True
+            return
+        self._restoring = asyncio.create_task(self._run_lost_data())
+        self._tasks.add(self._restoring)
+        self._restoring.add_done_callback(self._tasks.discard)
 
     async def _run_lost_data(self) -> None:
-        for callback in self._data_lost:
-            try:
-                await callback()
-            except Exception:  # one holder's bug must not keep the others' state out
-                log.exception("putting state back into redis failed")
+        while True:
+            self._lost_again = False
+            for callback in self._data_lost:
+                try:
+                    await callback()
+                except Exception:  # one holder's bug must not keep the others' state out
+                    log.exception("putting state back into redis failed")
+            if not self._lost_again or self._closing:
+                return
 
     async def _evalsha_many(self, script: Script, jobs: Sequence[Job]) -> list[Any]:
         if len(jobs) == 1:
@@ -520,6 +541,7 @@ class RedisStore(RedisRecords, Store):
         await self._guarded(self._client.ping, self._records_timeout)
 
     async def close(self) -> None:
+        self._closing = True
         await self._bus.close()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
