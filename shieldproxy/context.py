@@ -19,7 +19,6 @@ class RequestContext:
     """Per-request facts. Slots keep it small; each field names the check that sets it."""
 
     __slots__ = (
-        "client_gone",
         "client_ip",
         "decision",
         "extra_limits",
@@ -52,7 +51,6 @@ class RequestContext:
         self.path = ""  # checks.request_target: canonical path (matching and forwarding)
         self.query = ""  # checks.request_target: raw query string, without "?"
         self.client_ip = ""  # checks.client_ip: the real client address
-        self.client_gone = False  # forwarder: the client disconnected mid-response
         self.peer_ip = ""  # checks.client_ip: the socket peer, normalised
         self.peer_trusted = False  # checks.client_ip: the socket peer is a trusted proxy
         self.route: Route | None = None  # checks.route: the matched [[routes]] entry

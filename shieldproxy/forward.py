@@ -313,7 +313,6 @@ class Forwarder:
         except ConnectionError:
             # The client went away mid-stream: nothing to answer, nothing to log as an error.
             conn.close()
-            ctx.client_gone = True
         return response
 
     def _whole(

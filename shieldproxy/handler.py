@@ -45,7 +45,6 @@ class ProxyHandler:
             # still running when the shutdown budget ends; its upstream work was closed on the
             # way out. Counted as nginx logs it: 499, unless the answer had begun (a stream cut
             # short counts as the status it was sent with, however the loss was noticed).
-            ctx.client_gone = True
             if ctx.sent_status:
                 self._record_answer(ctx, ctx.sent_status, ALLOW, started)
             else:

@@ -134,14 +134,10 @@ class ProxyMetrics:
                         a + b for a, b in zip(histogram.counts, counts, strict=True)
                     ]
                     histogram.total += total
-        for kind, n in snap.get("upstream_errors", {}).items():
-            self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
-        for kind, n in snap.get("client_timeouts", {}).items():
-            self.client_timeouts[kind] = self.client_timeouts.get(kind, 0) + n
-        for outcome, n in snap.get("reloads", {}).items():
-            self.reloads[outcome] = self.reloads.get(outcome, 0) + n
-        for name, n in snap.get("limiter", {}).items():
-            self.limiter[name] = self.limiter.get(name, 0) + n
+        for attr in ("upstream_errors", "client_timeouts", "reloads", "limiter"):
+            by_name: dict[str, int] = getattr(self, attr)
+            for name, n in snap.get(attr, {}).items():
+                by_name[name] = by_name.get(name, 0) + n
         if gauges:
             self.in_flight += int(snap.get("in_flight", 0))
             self.degraded_workers += int(snap.get("degraded_workers", 0))

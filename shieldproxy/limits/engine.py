@@ -633,7 +633,7 @@ class RateLimiter:
 
     def _renewed(self, leases: list[Lease], now: float) -> None:
         for lease in leases:
-            if lease.token in self._leases:  # not released meanwhile
+            if self._holds(lease):  # not released meanwhile
                 self._leases[lease.token] = (lease, now + _half_lease(lease))
         self.stats.renewed += len(leases)
 
