@@ -11,10 +11,9 @@ from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
 from shieldproxy.limits.engine import ALLOWED_FROM_RESERVES, HitSet, RateLimiter, Verdict
 from shieldproxy.limits.headers import (
-    PolicyState,
-    headers_for,
     policy_header,
     rate_limit_headers,
+    reserve_headers,
     rule_text,
 )
 from shieldproxy.limits.model import Hit, LimitRule
@@ -54,7 +53,8 @@ class _Lane:
     extra: tuple[tuple[LimitRule, str | None], ...]
     hit_set: HitSet | None  # None: no rule applies to this shape
     policy: str = ""  # RateLimit-Policy when admitted from reserves (configured limits)
-    shown: tuple[tuple[int, str, int], ...] = ()  # (hit index, quoted name, limit), enforced
+    # (hit index, '<quoted name>;r=', limit) of each enforced policy: see reserve_headers
+    shown: tuple[tuple[int, str, int], ...] = ()
     denial: Decision | None = None  # the answer to hit_set.denial...
     denial_wait: int = -1  # ...built for this many whole seconds left
 
@@ -85,7 +85,8 @@ class RateLimitCheck:
     async def decide(self, ctx: RequestContext) -> Decision:
         route = ctx.route
         extra = ctx.extra_limits
-        if not extra and not self.rules_for(route):
+        rules = self._by_route.get(route.name, self._global) if route else self._global
+        if not extra and not rules:
             return ALLOW
         lane_key = (id(route), id(extra), ctx.client_ip, ctx.key_id, ctx.tenant_id)
         lane = self._lanes.get(lane_key)
@@ -100,7 +101,11 @@ class RateLimitCheck:
             ctx.limit_hits = hit_set.hits
             ctx.limit_verdict = ALLOWED_FROM_RESERVES
             if self._expose and lane.shown:
-                ctx.add_response_headers(self._reserved_headers(lane, hit_set, now))
+                assert hit_set.reserves is not None  # take_reserved spent from them
+                headers = reserve_headers(
+                    lane.policy, lane.shown, hit_set.reserves, now, self._legacy
+                )
+                ctx.add_response_headers(headers)
             return ALLOW
         if (
             lane.denial is not None
@@ -136,7 +141,7 @@ class RateLimitCheck:
         if hits:
             lane.policy = policy_header(h.rule for h in hits)
             lane.shown = tuple(
-                (i, rule_text(h.rule)[0], h.rule.ceiling)
+                (i, f"{rule_text(h.rule)[0]};r=", h.rule.ceiling)
                 for i, h in enumerate(hits)
                 if not h.rule.shadow
             )
@@ -146,16 +151,6 @@ class RateLimitCheck:
         if len(lanes) > _MAX_LANES:
             del lanes[next(iter(lanes))]  # the oldest shape: rebuilding one costs microseconds
         return lane
-
-    def _reserved_headers(self, lane: _Lane, hit_set: HitSet, now: float) -> list[tuple[str, str]]:
-        reserves = hit_set.reserves
-        assert reserves is not None
-        states: list[PolicyState] = []
-        for i, name, limit in lane.shown:
-            r = reserves[i]
-            states.append((name, limit, r.base + r.left, r.reset_at - now))
-        headers = headers_for(lane.policy, states, None)
-        return headers if self._legacy else headers[:2]
 
     async def _check(self, ctx: RequestContext, hit_set: HitSet) -> Decision:
         """Ask the limiter: the store, its over-limit cache or the fallback."""

@@ -18,7 +18,13 @@ from shieldproxy.limits import keys
 from shieldproxy.limits.cache import OverLimitCache
 from shieldproxy.limits.fallback import LocalFallback, QuotaBacklog
 from shieldproxy.limits.model import Hit, LimitRule, Strategy
-from shieldproxy.limits.reserve import GiveBack, Reservations, Reserve
+from shieldproxy.limits.reserve import (
+    NOT_TAKEN,
+    TAKEN_LOW,
+    GiveBack,
+    Reservations,
+    Reserve,
+)
 from shieldproxy.store.base import (
     CallResult,
     CircuitOpen,
@@ -132,6 +138,9 @@ class HitSet:
     hits: list[Hit]
     keys: list[str]
     distinct: bool  # no two hits on one storage key (else they are merged per request)
+    # (cost, limit) of each hit, what spending from reserves checks; None when a hit costs
+    # nothing (such a request is never admitted from reserves)
+    needs: tuple[tuple[int, int], ...] | None
     reserves: list[Reserve] | None = None  # one per hit, once all have been reserved for
     denied_until: float = 0.0  # limiter clock: the over-limit cache denies these hits until...
     denial: Verdict | None = None  # ...with this verdict (the last one it gave)
@@ -149,7 +158,9 @@ class RateLimiter:
         settings: LimiterSettings | None = None,
     ) -> None:
         self._store = store
-        self._clock = clock
+        # The limiter's clock (reserve and denial times are in it). The callable itself, not a
+        # method around it: callers on the hot path read it once per request.
+        self.now = clock
         # Quota periods are calendar months: their ends are wall-clock instants.
         self._wall = wall_clock
         self._settings = settings or LimiterSettings()
@@ -238,27 +249,25 @@ class RateLimiter:
     def hit_set(self, hits: list[Hit]) -> HitSet:
         """Resolve what `check` needs about these hits once, for reuse by the same shape."""
         keys_ = [self._key(h) for h in hits]
-        return HitSet(hits, keys_, len(set(keys_)) == len(keys_))
-
-    def now(self) -> float:
-        """The limiter's clock (reserve and denial times are in it)."""
-        return self._clock()
+        needs = tuple((h.cost, h.rule.requests) for h in hits)
+        free = any(cost < 1 for cost, _ in needs)
+        return HitSet(hits, keys_, len(set(keys_)) == len(keys_), None if free else needs)
 
     def take_reserved(self, hit_set: HitSet, now: float) -> bool:
         """Admit from units reserved earlier, synchronously, or touch nothing and say False.
 
         The hot path for a busy subject: no store call, no verdict built. The caller reads the
         per-limit state from `hit_set.reserves`."""
-        found = hit_set.reserves
-        if found is None or self._reserves is None:
+        found, needs, reserves = hit_set.reserves, hit_set.needs, self._reserves
+        if found is None or needs is None or reserves is None:
             return False
-        reserves = self._reserves
-        if not reserves.take_from(hit_set.hits, found, now):
+        taken = reserves.take_from(found, needs, now)
+        if taken == NOT_TAKEN:
             return False
         stats = self.stats
         stats.checks += 1
         stats.reserved += 1
-        if not self._closing and (wanted := reserves.refill(hit_set.hits, found, now)):
+        if taken == TAKEN_LOW and not self._closing and (wanted := reserves.refill(found, now)):
             self._spawn(self._refill(hit_set, wanted))
         return True
 
@@ -271,7 +280,7 @@ class RateLimiter:
         calls = [self._call(h, token, 0, units) for h, (_, units) in zip(hits, wanted, strict=True)]
         # The store's times (window end, reset) are counted from before the call: a grant must
         # never look valid past the window it was counted in.
-        sent = self._clock()
+        sent = self.now()
         try:
             results: list[CallResult] | None = await self._store.acquire(calls)
         except StoreError:
@@ -297,7 +306,7 @@ class RateLimiter:
         if not hits:
             return ALLOWED_NOTHING
         self.stats.checks += 1
-        now = self._clock()
+        now = self.now()
         # Storage keys first: an over-limit flood is answered from the cache below without
         # building a single LimitCall.
         if hit_set is None:
@@ -306,8 +315,9 @@ class RateLimiter:
         if not hit_set.distinct:
             return await self._check_merged(hits, keys_)
         reserves = self._reserves
-        if reserves is not None:
-            taken = reserves.take(hits, keys_, now)
+        needs = hit_set.needs
+        if reserves is not None and needs is not None:
+            taken = reserves.take(needs, keys_, now)
             if taken is not None:
                 self.stats.reserved += 1
                 return _reserved_verdict(hits, taken, now)
@@ -341,16 +351,17 @@ class RateLimiter:
             raise
         if reserves is not None:
             reserves.settle(keys_, calls, results, now)
-            hit_set.reserves = reserves.lookup(keys_)
+            if needs is not None:
+                hit_set.reserves = reserves.lookup(keys_)
         self._degraded = False
         if self._backlog:
             self._owed_to_store()
         taken = None
-        if reserves is not None and not batch_admits(calls, results):
+        if reserves is not None and needs is not None and not batch_admits(calls, results):
             # Units this instance reserved (perhaps in this very reply, for a request that was
             # ahead of this one) are counted already: spending them here rather than denying
             # keeps a burst from ending with units held that no later request comes to spend.
-            taken = reserves.take(hits, keys_, now)
+            taken = reserves.take(needs, keys_, now)
         if taken is not None:
             self.stats.reserved += 1
             verdict = _reserved_verdict(hits, taken, now)
@@ -379,7 +390,7 @@ class RateLimiter:
         verdict = await self.check([dataclasses.replace(h, cost=0) for h in hits])
         if self._reserves is None or len(verdict.states) != len(hits):
             return verdict
-        now = self._clock()
+        now = self.now()
         held = [self._reserves.held(self._key(h), now) for h in hits]
         if not any(held):
             return verdict
@@ -521,7 +532,7 @@ class RateLimiter:
         return Verdict(False, _code(strategy), states, _retry_seconds(retry_ms), degraded, None)
 
     def _now_ms(self) -> int:
-        return math.floor(self._clock() * 1000)
+        return math.floor(self.now() * 1000)
 
     def _cached_denial(self, hits: Sequence[Hit], index: int, wait: float) -> Verdict:
         # Hits we did not evaluate report their full limit: nothing was consumed from them, and
@@ -569,7 +580,7 @@ class RateLimiter:
         but a request that runs longer than the lease (a streamed AI answer, a slow upload)
         would then lose its slot while still in flight, and one more request would be let in.
         """
-        self._leases[lease.token] = (lease, self._clock() + _half_lease(lease))
+        self._leases[lease.token] = (lease, self.now() + _half_lease(lease))
         if self._renewer is None and not self._closing:
             self._renewer = asyncio.create_task(self._renew_loop())
 
@@ -599,7 +610,7 @@ class RateLimiter:
 
     async def renew_due(self) -> None:
         """Renew every lease past half its length (the loop above calls this; tests may)."""
-        now = self._clock()
+        now = self.now()
         due = [lease for lease, due_at in self._leases.values() if due_at <= now]
         local = [lease for lease in due if lease.local]
         if local:
@@ -730,7 +741,7 @@ class RateLimiter:
         while not self._closing:
             await asyncio.sleep(pause)
             try:
-                owed = self._reserves.expired(self._clock())
+                owed = self._reserves.expired(self.now())
                 if owed:
                     # Shielded: close() cancels this loop, and units taken out of the reserves
                     # must reach the store (close waits for background tasks before draining).

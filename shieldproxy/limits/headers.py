@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from shieldproxy.limits.engine import Verdict
 from shieldproxy.limits.model import Hit, LimitRule
+from shieldproxy.limits.reserve import Reserve
 
 # One enforced policy's numbers for one response: (quoted name, limit, remaining, seconds to reset).
 PolicyState = tuple[str, int, int, float]
@@ -75,6 +76,41 @@ def headers_for(
     if retry_after is not None:
         headers.append(("Retry-After", str(max(1, _seconds(retry_after)))))
     return headers
+
+
+def reserve_headers(
+    policy: str,
+    shown: Sequence[tuple[int, str, int]],
+    reserves: Sequence[Reserve],
+    now: float,
+    legacy: bool,
+) -> list[tuple[str, str]]:
+    """headers_for() of a request admitted from reserves, where each policy's state is its
+    reserve's: the same fields, built without the states in between, since the busiest
+    subjects' requests all come this way. `shown`: (reserve index, '<quoted name>;r=', limit)
+    of each enforced policy, in order."""
+    current: list[str] = []
+    worst_limit = worst_left = worst_t = 0
+    worst_reset: float | None = None
+    for i, head, limit in shown:
+        r = reserves[i]
+        left = r.base + r.left
+        reset = r.reset_at - now
+        t = math.ceil(reset - 1e-9) if reset > 0 else 0  # as _seconds(), inline
+        current.append(f"{head}{left};t={t}")
+        if worst_reset is None or left < worst_left or (left == worst_left and reset > worst_reset):
+            worst_limit, worst_left, worst_t, worst_reset = limit, left, t, reset
+    if worst_reset is None:
+        return []
+    if not legacy:
+        return [("RateLimit-Policy", policy), ("RateLimit", ", ".join(current))]
+    return [
+        ("RateLimit-Policy", policy),
+        ("RateLimit", ", ".join(current)),
+        ("X-RateLimit-Limit", str(worst_limit)),
+        ("X-RateLimit-Remaining", str(worst_left)),
+        ("X-RateLimit-Reset", str(worst_t)),
+    ]
 
 
 # id(rule) -> (rule, quoted name, ";w=<window>"); the rule is kept so a recycled id never

@@ -45,6 +45,9 @@ _MIN_ELAPSED_S = 0.005
 # Ends of windows the reservation cannot outlive (their counts belong to that window).
 _WINDOWED = frozenset({"fixed_window", "sliding_window", "quota"})
 
+# take_from()'s answers.
+NOT_TAKEN, TAKEN, TAKEN_LOW = 0, 1, 2
+
 GiveBack = tuple[LimitCall, int]  # (call whose cost is the units to return, window stamp)
 
 
@@ -74,6 +77,10 @@ class Reservations:
         self, *, horizon_seconds: float, max_units: int, max_entries: int, min_limit: int = 1
     ) -> None:
         self._horizon = horizon_seconds
+        # A store reply can take tens of milliseconds when this process is saturated (several
+        # loop turns of queued requests): refill() asks while a quarter of the grant's units
+        # and time are gone, so the new grant lands before the old one runs out.
+        self._early = horizon_seconds * 3 / 4
         self._min_limit = min_limit
         self._max_units = max_units
         self._max_entries = max_entries
@@ -93,23 +100,49 @@ class Reservations:
             return 0
         return r.left
 
-    def take(self, hits: Sequence[Hit], keys: Sequence[str], now: float) -> list[Reserve] | None:
-        """Spend reserved units for every hit, or touch nothing and return None."""
+    def take(
+        self, needs: Sequence[tuple[int, int]], keys: Sequence[str], now: float
+    ) -> list[Reserve] | None:
+        """Spend reserved units for every hit, or touch nothing and return None.
+
+        `needs` holds each hit's (cost, limit): see HitSet.needs."""
         found = self.lookup(keys)
-        if found is None or not self.take_from(hits, found, now):
+        if found is None or not self.take_from(found, needs, now):
             return None
         return found
 
-    def take_from(self, hits: Sequence[Hit], found: Sequence[Reserve], now: float) -> bool:
-        """take() for reserves already looked up (see lookup): spend for every hit, or none."""
-        for h, r in zip(hits, found, strict=True):
-            if r.left < h.cost or h.cost < 1 or now >= r.valid_until or r.limit != h.rule.requests:
-                return False  # an evicted reserve has nothing left, so it fails here too
-        for h, r in zip(hits, found, strict=True):
-            r.left -= h.cost
-            r.demand += h.cost
-            self.spent += h.cost
-        return True
+    def take_from(
+        self, found: Sequence[Reserve], needs: Sequence[tuple[int, int]], now: float
+    ) -> int:
+        """take() for reserves already looked up (see lookup): spend for every hit, or none.
+
+        NOT_TAKEN, TAKEN, or TAKEN_LOW when one of the reserves now runs low and refill()
+        would ask for more. Costs must be >= 1 (a cost-0 hit is never admitted from here).
+        Every busy request runs this, and seldom fails: one pass spends, and is undone if a
+        reserve comes up short."""
+        early = self._early
+        taken = TAKEN
+        spent = 0
+        for r, (cost, limit) in zip(found, needs, strict=True):
+            left = r.left - cost
+            if left < 0 or now >= r.valid_until or r.limit != limit:
+                # An evicted reserve has nothing left, so it fails here too.
+                for back, (paid, _) in zip(found, needs, strict=False):
+                    if back is r:
+                        break
+                    back.left += paid
+                    back.demand -= paid
+                return NOT_TAKEN
+            r.left = left
+            r.demand += cost
+            spent += cost
+            # refill()'s test, inlined: it runs on every request, and seldom finds one.
+            if not r.asking and (
+                4 * left < 3 * r.granted or not (r.capped or now < r.valid_until - early)
+            ):
+                taken = TAKEN_LOW
+        self.spent += spent
+        return taken
 
     def lookup(self, keys: Sequence[str]) -> list[Reserve] | None:
         """The reserves of these keys, if every one has an entry (for take_from)."""
@@ -150,9 +183,7 @@ class Reservations:
             out.append(self._ask(r, now))
         return out
 
-    def refill(
-        self, hits: Sequence[Hit], found: Sequence[Reserve], now: float
-    ) -> list[tuple[int, int]] | None:
+    def refill(self, found: Sequence[Reserve], now: float) -> list[tuple[int, int]] | None:
         """(hit index, units) to reserve ahead for reserves running low, or None.
 
         A reserve is low when a quarter of its last grant is spent or a quarter of its time
@@ -160,10 +191,7 @@ class Reservations:
         without it, every reserve runs dry now and then, and the requests that find it so wait
         for the store. A subject then holds up to about two grants.
         """
-        # A store reply can take tens of milliseconds when this process is saturated (several
-        # loop turns of queued requests): ask while a quarter of the grant's units and time are
-        # gone, so the new grant lands before the old one runs out.
-        early = self._horizon * 3 / 4
+        early = self._early
         out: list[tuple[int, int]] | None = None
         for i, r in enumerate(found):
             # Time runs out at a window's end whatever is asked: only units then say "low".

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from shieldproxy.limits import Hit, LimitRule, LimitState, Verdict, rate_limit_headers
+from shieldproxy.limits.headers import headers_for, reserve_headers
+from shieldproxy.limits.reserve import Reserve
 
 
 def test_draft_and_legacy_headers() -> None:
@@ -40,3 +45,30 @@ def test_quota_policy_window_is_the_period() -> None:
     assert h["RateLimit-Policy"] == f'"quota";q=1000;w={month}'
     assert h["RateLimit"] == '"quota";r=0;t=3601'
     assert h["Retry-After"] == "3601"
+
+
+_policy = st.tuples(
+    st.sampled_from(['"a"', '"b"', '"per-ip"']),
+    st.integers(1, 10**9),  # limit
+    st.integers(0, 10**9),  # remaining in the store
+    st.integers(0, 50),  # units held
+    st.floats(-5.0, 120.0, allow_nan=False),  # seconds to the reset
+)
+
+
+@given(st.lists(_policy, max_size=4), st.booleans())
+def test_headers_from_reserves_are_the_generic_headers(
+    policies: list[tuple[str, int, int, int, float]], legacy: bool
+) -> None:
+    """reserve_headers() is headers_for() fused for the busiest path: the same fields to the
+    character, ties for the legacy trio included (equal remaining, then the later reset)."""
+    now = 1000.0
+    reserves = [
+        Reserve(base=base, left=left, reset_at=now + reset) for _, _, base, left, reset in policies
+    ]
+    shown = [(i, f"{name};r=", limit) for i, (name, limit, *_) in enumerate(policies)]
+    states = [(name, limit, base + left, reset) for name, limit, base, left, reset in policies]
+    expected = headers_for("P", states, None)
+    if not legacy:
+        expected = expected[:2]
+    assert reserve_headers("P", shown, reserves, now, legacy) == expected

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shieldproxy.limits import Hit, LimiterSettings, LimitRule, RateLimiter
+from shieldproxy.limits.reserve import NOT_TAKEN, Reservations, Reserve
 from shieldproxy.store.base import GRANT_SHARE
 from tests.limits_helpers import open_roomy, stored_count
 
@@ -140,3 +141,28 @@ async def test_small_limits_are_never_reserved(redis_url: str, tmp_path: Path) -
     assert await stored_count(redis_url, small, "k") == 200
     await limiter.close()
     await store.close()
+
+
+@pytest.mark.parametrize("short", ["units", "expired", "other limit"])
+def test_a_request_one_reserve_cannot_pay_for_spends_from_none(short: str) -> None:
+    """take_from() spends in one pass and undoes it when a later reserve comes up short: the
+    reserves before that one must read exactly as before, units and demand alike."""
+    reserves = Reservations(horizon_seconds=1.0, max_units=100, max_entries=10)
+    now = 50.0
+    first = Reserve(left=5, limit=1000, valid_until=now + 1, granted=5, demand=7)
+    second = Reserve(left=5, limit=1000, valid_until=now + 1, granted=5, demand=7)
+    third = Reserve(left=5, limit=1000, valid_until=now + 1, granted=5, demand=7)
+    if short == "units":
+        third.left = 1
+    elif short == "expired":
+        third.valid_until = now
+    else:
+        third.limit = 2000
+    needs = [(2, 1000), (3, 1000), (2, 1000)]
+    assert reserves.take_from([first, second, third], needs, now) == NOT_TAKEN
+    assert [(r.left, r.demand) for r in (first, second)] == [(5, 7), (5, 7)]
+    assert reserves.spent == 0
+    third.left, third.valid_until, third.limit = 5, now + 1, 1000
+    assert reserves.take_from([first, second, third], needs, now) != NOT_TAKEN
+    assert [r.left for r in (first, second, third)] == [3, 2, 3]
+    assert reserves.spent == 7
