@@ -119,7 +119,9 @@ class Reservations:
         NOT_TAKEN, TAKEN, or TAKEN_LOW when one of the reserves now runs low and refill()
         would ask for more. Costs must be >= 1 (a cost-0 hit is never admitted from here).
         Every busy request runs this, and seldom fails: one pass spends, and is undone if a
-        reserve comes up short."""
+        reserve comes up short. The reserves must be distinct, as the keys of a HitSet that
+        has reserves are (two hits on one key are merged before they reach reserves): the
+        undo stops at the first reserve that is the short one."""
         early = self._early
         taken = TAKEN
         spent = 0
