@@ -42,9 +42,7 @@ from harness import (
     nginx_upstream,
     require_tools,
     scratch_dir,
-    start_service,
     stop_service,
-    wait_for_http,
 )
 
 SLOWDOWN = 50  # how much slower the proxy runs under callgrind (measured: 40-60x)
@@ -70,28 +68,6 @@ def parse_args() -> argparse.Namespace:
     if unknown := [name for name in args.variants if name not in known]:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return args
-
-
-def start_under_callgrind(
-    variant: rb.Variant, upstream: str, store: str, work_dir: Path
-) -> tuple[Service, str, str, Path]:
-    """rb.start_shieldproxy, under callgrind; returns (service, proxy URL, admin URL, data dir)."""
-    home = work_dir / variant.name
-    home.mkdir()
-    config = home / "shieldproxy.toml"
-    config.write_text(f"{variant.config}\n[rate_limits]\nreserve_seconds = {RESERVE_SECONDS}\n")
-    port, admin_port = free_port(), free_port()
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={home / 'callgrind.out'}"]
-    argv += [sys.executable, "-m", "shieldproxy.cli", "serve", "--config", str(config)]
-    argv += ["--upstream", upstream, "--listen", f"{LOOPBACK}:{port}", "--store", store]
-    argv += ["--admin-listen", f"{LOOPBACK}:{admin_port}", "--data-dir", str(home / "data")]
-    argv += ["--log-level", "warning"]
-    service = start_service(
-        variant.name, argv, cpus=rb.PROXY_CPU, log_dir=work_dir, env=rb._env(), cwd=home
-    )
-    admin = f"http://{LOOPBACK}:{admin_port}"
-    wait_for_http(service, f"{admin}/healthz", timeout=300)
-    return service, f"http://{LOOPBACK}:{port}{rb.PATH}", admin, home / "data"
 
 
 def callgrind_control(option: str, service: Service) -> None:
@@ -123,7 +99,16 @@ def limiter_events(admin: str, token: str) -> dict[str, int]:
 def measure(
     variant: rb.Variant, upstream: str, store: str, work_dir: Path, duration: int
 ) -> dict[str, float]:
-    service, url, admin, data_dir = start_under_callgrind(variant, upstream, store, work_dir)
+    # callgrind writes its dumps into the instance's home (its working directory).
+    service, url, admin, data_dir = rb.start_shieldproxy(
+        variant,
+        upstream,
+        store,
+        work_dir,
+        wrapper=("valgrind", "--tool=callgrind", "--callgrind-out-file=callgrind.out"),
+        extra_config=f"\n[rate_limits]\nreserve_seconds = {RESERVE_SECONDS}\n",
+        start_timeout=300,
+    )
     try:
         token = (data_dir / "admin-token").read_text().strip()
         key = rb.make_key(variant, admin, token) if variant.plan else ""

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -220,15 +220,25 @@ def _env() -> dict[str, str]:
 
 
 def start_shieldproxy(
-    variant: Variant, upstream: str, store: str, work_dir: Path
+    variant: Variant,
+    upstream: str,
+    store: str,
+    work_dir: Path,
+    *,
+    wrapper: Sequence[str] = (),
+    extra_config: str = "",
+    start_timeout: float = 15.0,
 ) -> tuple[Service, str, str, Path]:
-    """One pinned instance; returns (service, proxy URL, admin URL, data dir)."""
+    """One pinned instance; returns (service, proxy URL, admin URL, data dir).
+
+    `wrapper` runs it under another program (instructions_bench.py: valgrind), in the
+    instance's home directory, with `extra_config` appended to the variant's."""
     home = work_dir / variant.name
     home.mkdir()
     config = home / "shieldproxy.toml"
-    config.write_text(variant.config)
+    config.write_text(variant.config + extra_config)
     port, admin_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "shieldproxy.cli", "serve", "--config", str(config)]
+    argv = [*wrapper, sys.executable, "-m", "shieldproxy.cli", "serve", "--config", str(config)]
     argv += ["--upstream", upstream, "--listen", f"{LOOPBACK}:{port}", "--store", store]
     argv += ["--admin-listen", f"{LOOPBACK}:{admin_port}", "--data-dir", str(home / "data")]
     argv += ["--log-level", "warning"]
@@ -236,7 +246,7 @@ def start_shieldproxy(
         variant.name, argv, cpus=PROXY_CPU, log_dir=work_dir, env=_env(), cwd=home
     )
     admin = f"http://{LOOPBACK}:{admin_port}"
-    wait_for_http(service, f"{admin}/healthz")
+    wait_for_http(service, f"{admin}/healthz", timeout=start_timeout)
     return service, f"http://{LOOPBACK}:{port}{PATH}", admin, home / "data"
 
 
