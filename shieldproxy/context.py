@@ -65,15 +65,11 @@ class RequestContext:
         self.decision: Decision | None = None  # handler: a fault's answer, when one happened
         self.shadow_denials: list[Decision] | None = None  # pipeline: "would deny" results
         self.response_headers: list[tuple[str, str]] | None = None  # checks: added to response
-        self.upstream_headers: list[tuple[str, str]] | None = None  # checks: identity to upstream
+        # checks.api_key: the caller's identity for the upstream (shared by the key's requests)
+        self.upstream_headers: tuple[tuple[str, str], ...] = ()
         self.upstream_charge = 0  # forwarder: units the upstream reported (charge_header)
         self.sent_status = 0  # forwarder: status of a streamed answer once its head is sent
         self.upstream_error: ShieldError | None = None  # forwarder: fault after headers were sent
-
-    def add_upstream_header(self, name: str, value: str) -> None:
-        if self.upstream_headers is None:
-            self.upstream_headers = []
-        self.upstream_headers.append((name, value))
 
     def add_response_headers(self, headers: list[tuple[str, str]]) -> None:
         if self.response_headers is None:

@@ -57,7 +57,7 @@ async def relay_websocket(ctx: RequestContext, runtime: Runtime) -> web.StreamRe
         if name.lower() not in _WS_OWN
     ]
     headers += forwarding_headers(ctx)
-    headers += ctx.upstream_headers or ()
+    headers += ctx.upstream_headers
     protocols = [
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", ())

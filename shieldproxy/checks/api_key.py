@@ -101,9 +101,7 @@ class ApiKeyCheck:
         ctx.key_id = view.id
         ctx.tenant_id = view.tenant_id
         ctx.extra_limits = self._limits_of(view, now)
-        ctx.add_upstream_header("X-Shield-Key-Id", view.id)
-        ctx.add_upstream_header("X-Shield-Tenant-Id", view.tenant_id)
-        ctx.add_upstream_header("X-Shield-Scopes", view.scopes_header)
+        ctx.upstream_headers = view.identity_headers
         self._registry.touch(view.id)
         return ALLOW
 

@@ -24,7 +24,9 @@ class KeyView:
     id: str
     tenant_id: str
     scopes: frozenset[str]
-    scopes_header: str  # "read,write" for X-Shield-Scopes
+    # What the upstream is told about the caller: X-Shield-Key-Id, -Tenant-Id and -Scopes
+    # ("read,write"), made once per view rather than once per request.
+    identity_headers: tuple[tuple[str, str], ...]
     revoked: bool
     expires_at: float | None  # epoch seconds
     secret_valid_until: float | None  # a rotated-out secret stops working then

@@ -240,7 +240,11 @@ class KeyRegistry:
             id=doc["id"],
             tenant_id=tenant_id,
             scopes=scopes,
-            scopes_header=",".join(sorted(scopes)),
+            identity_headers=(
+                ("X-Shield-Key-Id", doc["id"]),
+                ("X-Shield-Tenant-Id", tenant_id),
+                ("X-Shield-Scopes", ",".join(sorted(scopes))),
+            ),
             revoked=doc.get("status") == "revoked",
             expires_at=doc.get("expires_at"),
             secret_valid_until=valid_until,
