@@ -62,34 +62,42 @@ class ApiKeyCheck:
         ctx.key_source = source  # whatever happens next, the key is not forwarded
         if source == "conflict":
             return TWO_KEYS
-        decision = await self._authenticate(ctx, secret)
+        view = self._registry.cached_view(secret)  # a known caller: no checksum, no HMAC
+        if view is not None:
+            decision = self._admit(ctx, view)
+        else:
+            decision = await self._authenticate(ctx, secret)
         if decision is not ALLOW and not required:
             return ALLOW  # an optional key that does not check out: anonymous, not an error
         return decision
 
     async def _authenticate(self, ctx: RequestContext, secret: str) -> Decision:
-        view = self._registry.cached_view(secret)  # a known caller: no checksum, no HMAC
-        if view is None:
-            if not well_formed(secret):
-                return INVALID  # typos and made-up keys never reach the store
-            # Made-up keys with valid checksums: a bounded number of lookups per network.
-            # A secret that named a key before (its cache entry gone stale) is not counted.
-            guard = None if self._registry.knows(secret) else self._guard
-            if guard is not None:
-                network = self._network(ctx.client_ip)
-                if (wait := guard.retry_after(network)) is not None:
-                    return too_many_unknown_keys(wait)
-                guard.charge(network)
-            try:
-                view = await self._registry.lookup(secret)
-            except StoreError:  # a fault, never the client's: 503, not 401 and not 500
-                if guard is not None:
-                    guard.forgive(network)
-                return UNAVAILABLE
-            if view is None:
-                return INVALID
+        """A secret the cache does not vouch for: checked, looked up, then admitted."""
+        if not well_formed(secret):
+            return INVALID  # typos and made-up keys never reach the store
+        # Made-up keys with valid checksums: a bounded number of lookups per network.
+        # A secret that named a key before (its cache entry gone stale) is not counted.
+        guard = None if self._registry.knows(secret) else self._guard
+        if guard is not None:
+            network = self._network(ctx.client_ip)
+            if (wait := guard.retry_after(network)) is not None:
+                return too_many_unknown_keys(wait)
+            guard.charge(network)
+        try:
+            view = await self._registry.lookup(secret)
+        except StoreError:  # a fault, never the client's: 503, not 401 and not 500
             if guard is not None:
                 guard.forgive(network)
+            return UNAVAILABLE
+        if view is None:
+            return INVALID
+        if guard is not None:
+            guard.forgive(network)
+        return self._admit(ctx, view)
+
+    def _admit(self, ctx: RequestContext, view: KeyView) -> Decision:
+        """The key's status and dates, then its identity on the context. Synchronous: a
+        cached caller, the common case, costs no coroutine beyond the check's own."""
         now = self._wall()
         if view.revoked:
             return REVOKED
