@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator
@@ -94,4 +95,41 @@ async def test_cancelled_callers_never_desynchronise_the_pool(fault_redis: Redis
         await asyncio.gather(task, return_exceptions=True)
     # Every later reply must belong to its own request.
     await asyncio.gather(*(one(n) for n in range(1000, 1100)))
+    await store.close()
+
+
+async def test_a_caller_cancelled_between_its_reply_and_its_turn_frees_its_lease(
+    flush_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest window: the reply is in and the caller's future holds its result, but the
+    caller is cancelled before it runs again, so it never sees the lease it was granted. The
+    store must free that lease itself (else the slot is lost until the lease expires)."""
+    store = make(flush_redis.url, 2.0)
+    key = "sp:rl:{c|window}:concurrency:600000"
+    call = LimitCall(key, "concurrency", 1, 600_000, 1, 1, False, "lease-1")
+    loop = asyncio.get_running_loop()
+    caller: list[asyncio.Task[object]] = []
+    real = loop.create_future
+
+    def future_that_cancels_its_caller() -> asyncio.Future[object]:
+        fut = real()
+        # Added before the caller awaits the future, so it runs first once the result is
+        # set: the caller is cancelled with its reply already in hand.
+        fut.add_done_callback(lambda _: caller[0].cancel())
+        return fut
+
+    monkeypatch.setattr(loop, "create_future", future_that_cancels_its_caller)
+    caller.append(asyncio.create_task(store.acquire([call])))
+    await asyncio.sleep(0)  # the caller makes its future and waits on it
+    monkeypatch.undo()  # every other future is an ordinary one
+    with pytest.raises(asyncio.CancelledError):
+        await caller[0]
+    for _ in range(200):  # the store frees it in a task of its own
+        if flush_redis.cli("ZCARD", key).strip() == "0":
+            break
+        await asyncio.sleep(0.01)
+    assert flush_redis.cli("ZCARD", key).strip() == "0", "the granted lease was freed"
+    assert store.stats.orphan_releases == 1
+    again = await store.acquire([dataclasses.replace(call, token="lease-2")])
+    assert again[0].allowed, "the slot is free for the next request"
     await store.close()
