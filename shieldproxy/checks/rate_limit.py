@@ -85,8 +85,7 @@ class RateLimitCheck:
     async def decide(self, ctx: RequestContext) -> Decision:
         route = ctx.route
         extra = ctx.extra_limits
-        rules = self._by_route.get(route.name, self._global) if route else self._global
-        if not extra and not rules:
+        if not extra and not self.rules_for(route):
             return ALLOW
         lane_key = (id(route), id(extra), ctx.client_ip, ctx.key_id, ctx.tenant_id)
         lane = self._lanes.get(lane_key)

@@ -270,9 +270,7 @@ class RedisStore(RedisRecords, Store):
         if self._restoring is not None and not self._restoring.done():
             self._lost_again = True
             return
-        self._restoring = asyncio.create_task(self._run_lost_data())
-        self._tasks.add(self._restoring)
-        self._restoring.add_done_callback(self._tasks.discard)
+        self._restoring = self._spawn(self._run_lost_data())
 
     async def _run_lost_data(self) -> None:
         while True:
@@ -320,10 +318,12 @@ class RedisStore(RedisRecords, Store):
                 self._spawn(self._settle_orphans([(calls, fut.result())]))
             raise
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of the store's own, which close() waits for."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _settle_orphans(
         self, done: list[tuple[Sequence[LimitCall], list[CallResult]]]
