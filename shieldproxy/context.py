@@ -33,6 +33,8 @@ class RequestContext:
         "query",
         "request",
         "request_id",
+        "response_field_count",
+        "response_fields",
         "response_headers",
         "route",
         "sent_status",
@@ -65,6 +67,11 @@ class RequestContext:
         self.decision: Decision | None = None  # handler: a fault's answer, when one happened
         self.shadow_denials: list[Decision] | None = None  # pipeline: "would deny" results
         self.response_headers: list[tuple[str, str]] | None = None  # checks: added to response
+        # checks.rate_limit: more of them, already rendered as header lines by a renderer that
+        # writes one field per line (limits.headers.ReserveFields), and how many; the
+        # one-write answer sends them as they are
+        self.response_fields = ""
+        self.response_field_count = 0
         # checks.api_key: the caller's identity for the upstream (shared by the key's requests)
         self.upstream_headers: tuple[tuple[str, str], ...] = ()
         self.upstream_charge = 0  # forwarder: units the upstream reported (charge_header)
@@ -76,3 +83,23 @@ class RequestContext:
             self.response_headers = headers
         else:
             self.response_headers.extend(headers)
+
+    def add_response_fields(self, lines: str, count: int) -> None:
+        """Fields already rendered as `count` header lines, one field per line (see
+        response_fields): a name or value holding a line end must come as a pair instead,
+        so that it reaches the checks that refuse it."""
+        self.response_fields += lines
+        self.response_field_count += count
+
+    def added_headers(self) -> list[tuple[str, str]]:
+        """Every added field as a (name, value) pair, for the paths that build a header map:
+        the rendered lines parsed back, then response_headers."""
+        pairs = [
+            (name, value)
+            for name, _, value in (
+                line.partition(": ") for line in self.response_fields.split("\r\n")[:-1]
+            )
+        ]
+        if self.response_headers:
+            pairs += self.response_headers
+        return pairs

@@ -79,7 +79,7 @@ _KEY_CARRIERS = {
 _ALL_KEY_CARRIERS = _KEY_CARRIERS["authorization"]
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # nominate nothing: skip parsing
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-# Fields checks add to forwarded responses (RequestContext.response_headers: the rate-limit
+# Fields checks add to forwarded responses (RequestContext.added_headers(): the rate-limit
 # headers); only an upstream sending one of these makes replacing necessary.
 _CHECK_FIELDS = frozenset(
     {
@@ -348,20 +348,23 @@ class Forwarder:
                 else:  # hop-by-hop, Content-Length, X-Request-Id: not copied
                     continue
             out += (name, b": ", value, b"\r\n")
-        lines = len(out) // 4
-        ours = [("X-Request-Id", ctx.request_id)]
-        if ctx.response_headers:
-            ours += ctx.response_headers
+        lines = len(out) // 4 + 1 + ctx.response_field_count
+        ours = f"X-Request-Id: {ctx.request_id}\r\n{ctx.response_fields}"
+        if added := ctx.response_headers:
+            ours += "".join([f"{n}: {v}\r\n" for n, v in added])
+            lines += len(added)
         if not has_server:
-            ours.append(("Server", "shieldproxy"))
+            ours += "Server: shieldproxy\r\n"
+            lines += 1
         if not has_date:
-            ours.append(("Date", rfc822_formatted_time()))
-        out.append("".join([f"{n}: {v}\r\n" for n, v in ours]).encode("latin-1", "replace"))
+            ours += f"Date: {rfc822_formatted_time()}\r\n"
+            lines += 1
+        out.append(ours.encode("latin-1", "replace"))
         return whole_answer(
             ctx.request,
             head.status,
             b"".join(out),
-            lines + len(ours),
+            lines,
             conn.take_body(),
             keep_alive=ctx.request.keep_alive,
         )
@@ -385,12 +388,12 @@ class Forwarder:
             if lname == self._charge and value.strip().isdigit():
                 ctx.upstream_charge = int(value)
         headers["X-Request-Id"] = ctx.request_id
-        if ctx.response_headers:
+        if ctx.response_fields or ctx.response_headers:
             if clash:
-                for name_s, value_s in ctx.response_headers:
+                for name_s, value_s in ctx.added_headers():
                     headers[name_s] = value_s  # ours replace the upstream's
             else:
-                headers.extend(ctx.response_headers)
+                headers.extend(ctx.added_headers())
         if "Server" not in headers:
             headers["Server"] = "shieldproxy"
         return headers

@@ -128,8 +128,8 @@ def _field_lines(ctx: RequestContext, decision: Decision) -> tuple[str, int]:
         name.lower() == "www-authenticate" for name, _ in decision.headers
     ):
         extra.append(("WWW-Authenticate", "Bearer"))
-    if ctx.response_headers:
-        extra += ctx.response_headers
+    if ctx.response_fields or ctx.response_headers:
+        extra += ctx.added_headers()
     if not extra:  # nothing to merge: the common case, floods included
         own, count = _rendered(decision)
         return f"X-Request-Id: {ctx.request_id}\r\n{own}", count + 1
@@ -152,8 +152,8 @@ def _response(
         headers["Retry-After"] = str(decision.retry_after)
     if decision.status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
-    if ctx.response_headers:
-        for name, value in ctx.response_headers:
+    if ctx.response_fields or ctx.response_headers:
+        for name, value in ctx.added_headers():
             headers[name] = value
     if not keep_alive:
         response.force_close()

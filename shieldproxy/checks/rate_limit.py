@@ -11,9 +11,9 @@ from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
 from shieldproxy.limits.engine import ALLOWED_FROM_RESERVES, HitSet, RateLimiter, Verdict
 from shieldproxy.limits.headers import (
+    ReserveFields,
     policy_header,
     rate_limit_headers,
-    reserve_headers,
     rule_text,
 )
 from shieldproxy.limits.model import Hit, LimitRule
@@ -45,16 +45,14 @@ class _Lane:
 
     Requests of one busy client repeat the same shape: its hits, their storage keys, their
     reserves, its header text and its current denial are worked out once, so that such a
-    request is answered with a few comparisons and two formatted strings.
+    request is answered with a few comparisons and one formatting of its header lines.
     """
 
     # Held, so that the ids in the lane's key name these objects for as long as it exists.
     route: Route | None
     extra: tuple[tuple[LimitRule, str | None], ...]
     hit_set: HitSet | None  # None: no rule applies to this shape
-    policy: str = ""  # RateLimit-Policy when admitted from reserves (configured limits)
-    # (hit index, '<quoted name>;r=', limit) of each enforced policy: see reserve_headers
-    shown: tuple[tuple[int, str, int], ...] = ()
+    fields: ReserveFields | None = None  # its fields when admitted from reserves (if shown)
     denial: Decision | None = None  # the answer to hit_set.denial...
     denial_wait: int = -1  # ...built for this many whole seconds left
 
@@ -99,12 +97,9 @@ class RateLimitCheck:
         if limiter.take_reserved(hit_set, now):
             ctx.limit_hits = hit_set.hits
             ctx.limit_verdict = ALLOWED_FROM_RESERVES
-            if self._expose and lane.shown:
+            if (fields := lane.fields) is not None:
                 assert hit_set.reserves is not None  # take_reserved spent from them
-                headers = reserve_headers(
-                    lane.policy, lane.shown, hit_set.reserves, now, self._legacy
-                )
-                ctx.add_response_headers(headers)
+                ctx.add_response_fields(fields.render(hit_set.reserves, now), fields.count)
             return ALLOW
         if (
             lane.denial is not None
@@ -137,13 +132,15 @@ class RateLimitCheck:
             if subject is not None:
                 hits.append(Hit(rule, subject, cost))
         lane = _Lane(route, extra, self._limiter.hit_set(hits) if hits else None)
-        if hits:
-            lane.policy = policy_header(h.rule for h in hits)
-            lane.shown = tuple(
-                (i, f"{rule_text(h.rule)[0]};r=", h.rule.ceiling)
+        if self._expose and (
+            shown := [
+                (i, rule_text(h.rule)[0], h.rule.ceiling)
                 for i, h in enumerate(hits)
                 if not h.rule.shadow
-            )
+            ]
+        ):
+            policy = policy_header(h.rule for h in hits)
+            lane.fields = ReserveFields(policy, shown, self._legacy)
         lanes = self._lanes
         lanes.pop(lane_key, None)
         lanes[lane_key] = lane

@@ -78,39 +78,60 @@ def headers_for(
     return headers
 
 
-def reserve_headers(
-    policy: str,
-    shown: Sequence[tuple[int, str, int]],
-    reserves: Sequence[Reserve],
-    now: float,
-    legacy: bool,
-) -> list[tuple[str, str]]:
-    """headers_for() of a request admitted from reserves, where each policy's state is its
-    reserve's: the same fields, built without the states in between, since the busiest
-    subjects' requests all come this way. `shown`: (reserve index, '<quoted name>;r=', limit)
-    of each enforced policy, in order."""
-    current: list[str] = []
-    worst_limit = worst_left = worst_t = 0
-    worst_reset: float | None = None
-    for i, head, limit in shown:
-        r = reserves[i]
-        left = r.base + r.left
-        reset = r.reset_at - now
-        t = math.ceil(reset - 1e-9) if reset > 0 else 0  # as _seconds(), inline
-        current.append(f"{head}{left};t={t}")
-        if worst_reset is None or left < worst_left or (left == worst_left and reset > worst_reset):
-            worst_limit, worst_left, worst_t, worst_reset = limit, left, t, reset
-    if worst_reset is None:
-        return []
-    if not legacy:
-        return [("RateLimit-Policy", policy), ("RateLimit", ", ".join(current))]
-    return [
-        ("RateLimit-Policy", policy),
-        ("RateLimit", ", ".join(current)),
-        ("X-RateLimit-Limit", str(worst_limit)),
-        ("X-RateLimit-Remaining", str(worst_left)),
-        ("X-RateLimit-Reset", str(worst_t)),
-    ]
+class ReserveFields:
+    """headers_for() of the requests of one shape admitted from reserves, where each policy's
+    state is its reserve's, rendered as header lines in one formatting operation.
+
+    Why: the busiest subjects' requests all come this way, and their fields differ from one
+    response to the next only in numbers. The lines around the numbers are laid out once per
+    shape, as a printf template; a response then costs the numbers and one `%`, instead of a
+    string per policy, a pair per field and a second pass turning the pairs into lines.
+    """
+
+    __slots__ = ("_legacy", "_shown", "_template", "count")
+
+    def __init__(self, policy: str, shown: Sequence[tuple[int, str, int]], legacy: bool) -> None:
+        """`shown`: (reserve index, quoted policy name, limit) of each enforced policy, in order;
+        at least one (with none enforced a response has no fields to render)."""
+        assert shown, "no enforced policy: nothing to render"
+        self._legacy = legacy
+        self._shown = tuple((i, limit) for i, _, limit in shown)
+        current = ", ".join(f"{_printf(name)};r=%d;t=%d" for _, name, _ in shown)
+        template = f"RateLimit-Policy: {_printf(policy)}\r\nRateLimit: {current}\r\n"
+        self.count = 2
+        if legacy:
+            template += (
+                "X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n"
+            )
+            self.count = 5
+        self._template = template
+
+    def render(self, reserves: Sequence[Reserve], now: float) -> str:
+        """The header lines ("Name: value\\r\\n" each, `count` of them) for these reserves."""
+        values: list[int] = []
+        worst_limit = worst_left = worst_t = 0
+        worst_reset: float | None = None
+        for i, limit in self._shown:
+            r = reserves[i]
+            left = r.base + r.left
+            reset = r.reset_at - now
+            t = math.ceil(reset - 1e-9) if reset > 0 else 0  # as _seconds(), inline
+            values += (left, t)
+            # The legacy trio can describe one policy only: the one closest to denying.
+            if (
+                worst_reset is None
+                or left < worst_left
+                or (left == worst_left and reset > worst_reset)
+            ):
+                worst_limit, worst_left, worst_t, worst_reset = limit, left, t, reset
+        if self._legacy:
+            values += (worst_limit, worst_left, worst_t)
+        return self._template % tuple(values)
+
+
+def _printf(text: str) -> str:
+    # Literal text inside a printf template.
+    return text.replace("%", "%%")
 
 
 # id(rule) -> (rule, quoted name, ";w=<window>"); the rule is kept so a recycled id never

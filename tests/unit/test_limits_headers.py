@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shieldproxy.limits import Hit, LimitRule, LimitState, Verdict, rate_limit_headers
-from shieldproxy.limits.headers import headers_for, reserve_headers
+from shieldproxy.limits.headers import ReserveFields, headers_for
 from shieldproxy.limits.reserve import Reserve
 
 
@@ -48,7 +48,7 @@ def test_quota_policy_window_is_the_period() -> None:
 
 
 _policy = st.tuples(
-    st.sampled_from(['"a"', '"b"', '"per-ip"']),
+    st.sampled_from(['"a"', '"b"', '"per-ip"', '"x%d%%"']),
     st.integers(1, 10**9),  # limit
     st.integers(0, 10**9),  # remaining in the store
     st.integers(0, 50),  # units held
@@ -60,15 +60,22 @@ _policy = st.tuples(
 def test_headers_from_reserves_are_the_generic_headers(
     policies: list[tuple[str, int, int, int, float]], legacy: bool
 ) -> None:
-    """reserve_headers() is headers_for() fused for the busiest path: the same fields to the
-    character, ties for the legacy trio included (equal remaining, then the later reset)."""
+    """ReserveFields is headers_for() fused for the busiest path: the same fields to the
+    character, as header lines, ties for the legacy trio included (equal remaining, then the
+    later reset), whatever the names hold (a `%` is no printf directive)."""
     now = 1000.0
     reserves = [
         Reserve(base=base, left=left, reset_at=now + reset) for _, _, base, left, reset in policies
     ]
-    shown = [(i, f"{name};r=", limit) for i, (name, limit, *_) in enumerate(policies)]
+    shown = [(i, name, limit) for i, (name, limit, *_) in enumerate(policies)]
     states = [(name, limit, base + left, reset) for name, limit, base, left, reset in policies]
-    expected = headers_for("P", states, None)
+    policy = "P%d%%s"
+    expected = headers_for(policy, states, None)
     if not legacy:
         expected = expected[:2]
-    assert reserve_headers("P", shown, reserves, now, legacy) == expected
+    if not policies:
+        return  # nothing enforced: no fields (a lane builds no ReserveFields then)
+    fields = ReserveFields(policy, shown, legacy)
+    lines = fields.render(reserves, now)
+    assert lines == "".join(f"{name}: {value}\r\n" for name, value in expected)
+    assert fields.count == len(expected)

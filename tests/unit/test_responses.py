@@ -16,6 +16,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import Decision, deny
+from shieldproxy.limits.headers import ReserveFields
+from shieldproxy.limits.reserve import Reserve
 from shieldproxy.responses import WholeAnswer, deny_response, whole_answer
 
 WAIT = 3.0  # seconds: the bound on every network wait
@@ -424,3 +426,28 @@ async def test_a_decision_reused_for_many_answers_gives_the_same_fields() -> Non
     ]
     for answer in (first, second):
         assert [f for f in answer.fields if f[0] != "Date"] == expected
+
+
+def test_rendered_fields_and_pairs_both_reach_a_later_denial() -> None:
+    """A request admitted from reserves carries its rate-limit fields as rendered lines
+    (ReserveFields), other checks' as pairs; an answer built later (a fault after the
+    limits admitted) sends each of them exactly once, the lines first."""
+    reserve = Reserve(base=90, left=5, reset_at=10.0)
+    fields = ReserveFields('"per-ip";q=100;w=60', [(0, '"per-ip"', 100)], legacy=True)
+    ctx = RequestContext(make_mocked_request("GET", "/"), "req-1", 0.0)
+    ctx.add_response_fields(fields.render([reserve], now=0.0), fields.count)
+    ctx.add_response_headers([("X-Shield-Degraded", "store")])
+    assert ctx.added_headers() == [
+        ("RateLimit-Policy", '"per-ip";q=100;w=60'),
+        ("RateLimit", '"per-ip";r=95;t=10'),
+        ("X-RateLimit-Limit", "100"),
+        ("X-RateLimit-Remaining", "95"),
+        ("X-RateLimit-Reset", "10"),
+        ("X-Shield-Degraded", "store"),
+    ]
+    answer = deny_response(ctx, deny(502, "upstream_unavailable", "down"))
+    assert isinstance(answer, WholeAnswer)
+    head = answer._raw.split(b"\r\n\r\n", 1)[0].decode()
+    for name, value in ctx.added_headers():
+        assert head.count(f"\r\n{name}: ") == 1
+        assert f"\r\n{name}: {value}\r\n" in head + "\r\n"
