@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,10 @@ from harness import (
 
 SLOWDOWN = 50  # how much slower the proxy runs under callgrind (measured: 40-60x)
 RESERVE_SECONDS = 0.05 * SLOWDOWN  # the default horizon, scaled (see the docstring)
+# The store's per-call budget, scaled the same way: a loop turn of queued requests takes 50x
+# longer under callgrind, and a reply read after the default 50 ms would count as a timeout
+# and send the instance to its fallback (not the path being measured).
+STORE_TIMEOUT_S = 0.05 * SLOWDOWN
 DEFAULT_VARIANTS = "no-limits,auth-only,3-limits,full-plan"
 _REQUESTS = re.compile(r"(\d+) requests in")
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
@@ -62,6 +67,12 @@ def parse_args() -> argparse.Namespace:
         help=f"ratelimit_bench variants [{DEFAULT_VARIANTS}]",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
+    parser.add_argument(
+        "--keep-dumps",
+        type=Path,
+        metavar="DIR",
+        help="copy each variant's measured dump here as <variant>.callgrind (for callgrind_annotate)",
+    )
     args = parser.parse_args()
     known = {v.name for v in rb.VARIANTS}
     args.variants = args.variants.split(",")
@@ -78,15 +89,12 @@ def callgrind_control(option: str, service: Service) -> None:
         raise BenchError(f"callgrind_control {option} failed: {done.stderr or done.stdout}")
 
 
-def instructions_since_zero(home: Path) -> int:
-    """The Ir total of the newest dump (callgrind_control -d writes callgrind.out.<n>)."""
-    dumps = sorted(home.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
-    if not dumps:
-        raise BenchError(f"no callgrind dump in {home}")
-    for line in dumps[-1].read_text().splitlines():
+def instructions_since_zero(dump: Path) -> int:
+    """The Ir total of one dump."""
+    for line in dump.read_text().splitlines():
         if line.startswith("summary:"):
             return int(line.split()[1])
-    raise BenchError(f"{dumps[-1]}: no summary line")
+    raise BenchError(f"{dump}: no summary line")
 
 
 def limiter_events(admin: str, token: str) -> dict[str, int]:
@@ -96,8 +104,22 @@ def limiter_events(admin: str, token: str) -> dict[str, int]:
     return {event: int(float(n)) for event, n in _EVENT.findall(raw.decode())}
 
 
+def newest_dump(home: Path) -> Path:
+    """The newest dump of an instance (callgrind_control -d writes callgrind.out.<n>)."""
+    dumps = sorted(home.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise BenchError(f"no callgrind dump in {home}")
+    return dumps[-1]
+
+
 def measure(
-    variant: rb.Variant, upstream: str, store: str, work_dir: Path, duration: int
+    variant: rb.Variant,
+    upstream: str,
+    store: str,
+    work_dir: Path,
+    duration: int,
+    *,
+    keep_dumps: Path | None = None,
 ) -> dict[str, float]:
     # callgrind writes its dumps into the instance's home (its working directory).
     service, url, admin, data_dir = rb.start_shieldproxy(
@@ -107,6 +129,7 @@ def measure(
         work_dir,
         wrapper=("valgrind", "--tool=callgrind", "--callgrind-out-file=callgrind.out"),
         extra_config=f"\n[rate_limits]\nreserve_seconds = {RESERVE_SECONDS}\n",
+        extra_env={"SHIELDPROXY_STORE__TIMEOUT_SECONDS": str(STORE_TIMEOUT_S)},
         start_timeout=300,
     )
     try:
@@ -133,7 +156,16 @@ def measure(
         requests = int(match.group(1))
         if (non_2xx := _NON_2XX.search(out)) is not None:
             raise BenchError(f"{variant.name}: {non_2xx.group(1)} answers were not 2xx")
-        instructions = instructions_since_zero(work_dir / variant.name)
+        dump = newest_dump(work_dir / variant.name)
+        instructions = instructions_since_zero(dump)
+        if keep_dumps is not None:
+            keep_dumps.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dump, keep_dumps / f"{variant.name}.callgrind")
+        if (errors := after.get("store_errors", 0) - before.get("store_errors", 0)) > 0:
+            raise BenchError(
+                f"{variant.name}: {errors} store calls failed while measuring (the fallback "
+                "was measured, not the store path): is the machine too busy for callgrind?"
+            )
         checks = after.get("checks", 0) - before.get("checks", 0)
         reserved = after.get("reserved", 0) - before.get("reserved", 0)
         return {
@@ -148,6 +180,7 @@ def measure(
 
 def main() -> int:
     args = parse_args()
+    rb.HTTP_TIMEOUT_S = 5.0 * SLOWDOWN  # setup requests are answered 50x slower too
     require_tools("valgrind", "callgrind_control", "wrk", "nginx", "taskset", "redis-server")
     if cpu_count() < 2:
         raise BenchError("needs at least 2 CPUs (proxy on one, wrk + nginx + redis on the other)")
@@ -165,7 +198,9 @@ def main() -> int:
         store = f"redis://{LOOPBACK}:{client.connection_pool.connection_kwargs['port']}/0"
         variants = {v.name: v for v in rb.VARIANTS}
         for name in args.variants:
-            results[name] = measure(variants[name], upstream, store, work_dir, args.duration)
+            results[name] = measure(
+                variants[name], upstream, store, work_dir, args.duration, keep_dumps=args.keep_dumps
+            )
             r = results[name]
             print(
                 f"  {name:<11} {r['requests']:>7,.0f} requests  {r['per_request']:>9,.0f} "

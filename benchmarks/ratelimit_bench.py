@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
     LOOPBACK,
+    START_TIMEOUT_S,
     BenchError,
     Service,
     Target,
@@ -70,6 +71,8 @@ GOAL_VS_PEER = 3.0
 GOAL_CALLS_PER_REQUEST = 1.0
 GOAL_FLOOD = 2.0
 GOAL_FULL = 0.90
+# Per setup request (keys, checks, metrics); instructions_bench.py raises it under callgrind.
+HTTP_TIMEOUT_S = 5.0
 # Commands that make Redis run a script: the only way shieldproxy talks to Redis per request.
 SCRIPT_COMMANDS = ("evalsha", "evalsha_ro", "eval", "eval_ro", "fcall", "fcall_ro")
 ROUTE = '[[routes]]\nname = "items"\npath = "/v1/*"\nauth = true\n'
@@ -227,12 +230,14 @@ def start_shieldproxy(
     *,
     wrapper: Sequence[str] = (),
     extra_config: str = "",
-    start_timeout: float = 15.0,
+    extra_env: Mapping[str, str] | None = None,
+    start_timeout: float = START_TIMEOUT_S,
 ) -> tuple[Service, str, str, Path]:
     """One pinned instance; returns (service, proxy URL, admin URL, data dir).
 
     `wrapper` runs it under another program (instructions_bench.py: valgrind), in the
-    instance's home directory, with `extra_config` appended to the variant's."""
+    instance's home directory, with `extra_config` appended to the variant's and
+    `extra_env` (SHIELDPROXY_* settings the variant's own tables already name) set."""
     home = work_dir / variant.name
     home.mkdir()
     config = home / "shieldproxy.toml"
@@ -243,7 +248,12 @@ def start_shieldproxy(
     argv += ["--admin-listen", f"{LOOPBACK}:{admin_port}", "--data-dir", str(home / "data")]
     argv += ["--log-level", "warning"]
     service = start_service(
-        variant.name, argv, cpus=PROXY_CPU, log_dir=work_dir, env=_env(), cwd=home
+        variant.name,
+        argv,
+        cpus=PROXY_CPU,
+        log_dir=work_dir,
+        env=_env() | dict(extra_env or {}),
+        cwd=home,
     )
     admin = f"http://{LOOPBACK}:{admin_port}"
     wait_for_http(service, f"{admin}/healthz", timeout=start_timeout)
@@ -269,7 +279,7 @@ def http(url: str, *, token: str = "", body: dict[str, Any] | None = None) -> tu
     if data:
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=5.0) as response:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
