@@ -123,7 +123,12 @@ def stop_service(service: Service, timeout: float = 10.0) -> None:
         process.wait()
 
 
-def wait_for_http(service: Service, url: str, timeout: float = 15.0) -> bytes:
+# A start takes about 0.5 s, but over 15 s on a starved VM (processes stalled for up to 0.8 s at
+# a time). A process that exits still fails the wait at once.
+START_TIMEOUT_S = 60.0
+
+
+def wait_for_http(service: Service, url: str, timeout: float = START_TIMEOUT_S) -> bytes:
     """Poll `url` until it answers 200; returns the body. Fails early if the process died."""
     deadline = time.monotonic() + timeout
     last_error = ""
