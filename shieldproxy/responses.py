@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import HttpVersion11
 from aiohttp.web_request import BaseRequest
 
 from shieldproxy.context import RequestContext
@@ -24,11 +27,13 @@ _STATUS_LINES = {
 # sound: one C-speed pass instead of a regex search and two counts.
 _FIELD_BYTES = bytes(b for b in range(256) if b == 9 or 32 <= b < 127 or b > 127)
 _CRLF = b"\r\n"
-# id(decision) -> (decision, its fields as lines, how many): a flood is answered with one
-# cached Decision per client and limit, so its fields are rendered once, not per answer.
-_RENDERED: dict[int, tuple[Decision, str, int]] = {}
 _FIXED_FIELDS = "Content-Type: application/json\r\nServer: shieldproxy\r\n"
 _FIXED_LINES = _FIXED_FIELDS.count("\n") + 1  # and Date
+# Stand-ins for the date and the request id while a decision's answer is laid out (see
+# _Layout): letters and digits, which neither JSON nor a field line escapes, and which no
+# decision's own text holds (a layout that finds one twice is not used).
+_DATE_MARK = f"date{secrets.token_hex(8)}"
+_ID_MARK = f"id{secrets.token_hex(8)}"
 
 
 class WholeAnswer(web.StreamResponse):
@@ -88,13 +93,20 @@ def whole_answer(
 def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse:
     """The contract's JSON error body, with the decision's headers."""
     request = ctx.request
+    if (
+        request.keep_alive
+        and not (ctx.response_fields or ctx.response_headers)
+        and request.version == HttpVersion11
+        and request.method != "HEAD"
+        and (layout := _layout(decision)) is not None
+    ):
+        return layout.answer(ctx.request_id)  # floods come this way
     request_id = ctx.request_id
-    body = orjson.dumps(
-        {"error": {"code": decision.code, "message": decision.message, "request_id": request_id}}
-    )
+    body = _body(decision, request_id)
     status = decision.status
     keep_alive = request.keep_alive and status not in _CLOSE_AFTER
-    own, count = _field_lines(ctx, decision)
+    added = ctx.added_headers() if ctx.response_fields or ctx.response_headers else []
+    own, count = _field_lines(request_id, decision, added)
     text = f"{_FIXED_FIELDS}Date: {rfc822_formatted_time()}\r\n{own}"
     answer = whole_answer(
         request,
@@ -107,33 +119,96 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
     return answer or _response(ctx, decision, body, keep_alive)
 
 
-def _rendered(decision: Decision) -> tuple[str, int]:
-    """The decision's own fields as header lines, and how many (see _RENDERED)."""
-    hit = _RENDERED.get(id(decision))
-    if hit is None or hit[0] is not decision:
-        if len(_RENDERED) >= 4096:
-            _RENDERED.clear()  # one-off decisions (a new client each time) must not pile up
-        text = "".join([f"{name}: {value}\r\n" for name, value in decision.headers])
-        hit = _RENDERED[id(decision)] = (decision, text, len(decision.headers))
-    return hit[1], hit[2]
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A decision's answer to a keep-alive HTTP/1.1 request, as bytes around the two values
+    that differ from one answer to the next: the date and the request id.
+
+    Why: a flood is answered with one cached Decision per client and limit (see
+    checks.rate_limit), thousands of times a second. Its body, its fields and their check
+    (whole_answer's) are the same each time: done once here, an answer costs one join.
+    """
+
+    decision: Decision  # held, so that the id keying _LAYOUTS names it while this exists
+    head: bytes  # the status line and the fields up to the date
+    before_id: bytes  # from the end of the date to the request id
+    after_id: bytes  # from the request id to "Content-Length: "
+    body_head: bytes  # the JSON body up to the request id...
+    body_tail: bytes  # ...and after it
+
+    def answer(self, request_id: str) -> WholeAnswer:
+        rid = request_id.encode("ascii")  # generated hex, or a proxy's [A-Za-z0-9._:-]
+        length = len(self.body_head) + len(rid) + len(self.body_tail)
+        date = rfc822_formatted_time().encode("ascii")
+        raw = b"".join(
+            (
+                self.head,
+                date,
+                self.before_id,
+                rid,
+                self.after_id,
+                b"%d\r\n\r\n" % length,
+                self.body_head,
+                rid,
+                self.body_tail,
+            )
+        )
+        return WholeAnswer(self.decision.status, raw, keep_alive=True)
 
 
-def _field_lines(ctx: RequestContext, decision: Decision) -> tuple[str, int]:
+# id(decision) -> (decision, its layout or None when it has none); one per cached decision.
+_LAYOUTS: dict[int, tuple[Decision, _Layout | None]] = {}
+
+
+def _layout(decision: Decision) -> _Layout | None:
+    entry = _LAYOUTS.get(id(decision))
+    if entry is None or entry[0] is not decision:
+        if len(_LAYOUTS) >= 4096:
+            _LAYOUTS.clear()  # one-off decisions (a new client each time) must not pile up
+        entry = _LAYOUTS[id(decision)] = (decision, _lay_out(decision))
+    return entry[1]
+
+
+def _lay_out(decision: Decision) -> _Layout | None:
+    """The answer deny_response's general path would send, split at the date and the id;
+    None where that path must decide per answer (the status closes the connection, or a
+    field would be refused)."""
+    line = _STATUS_LINES.get(decision.status)
+    if line is None or decision.status in _CLOSE_AFTER:
+        return None
+    own, count = _field_lines(_ID_MARK, decision, [])
+    fields = f"{_FIXED_FIELDS}Date: {_DATE_MARK}\r\n{own}Content-Length: ".encode(
+        "latin-1", "replace"
+    )
+    if fields.translate(None, _FIELD_BYTES) != _CRLF * (_FIXED_LINES + count):
+        return None
+    head, _, rest = fields.partition(_DATE_MARK.encode())
+    before_id, *after = rest.split(_ID_MARK.encode())
+    body_head, *body_tail = _body(decision, _ID_MARK).split(_ID_MARK.encode())
+    if len(after) != 1 or len(body_tail) != 1:
+        return None
+    return _Layout(decision, line + head, before_id, after[0], body_head, body_tail[0])
+
+
+def _body(decision: Decision, request_id: str) -> bytes:
+    return orjson.dumps(
+        {"error": {"code": decision.code, "message": decision.message, "request_id": request_id}}
+    )
+
+
+def _field_lines(
+    request_id: str, decision: Decision, added: list[tuple[str, str]]
+) -> tuple[str, int]:
     """Header lines in the order of precedence, and how many: the decision's, its Retry-After,
     then what earlier checks added (a later field replaces an earlier one of the same name)."""
-    extra: list[tuple[str, str]] = []
+    pairs = [("X-Request-Id", request_id), *decision.headers]
     if decision.retry_after is not None:
-        extra.append(("Retry-After", str(decision.retry_after)))
+        pairs.append(("Retry-After", str(decision.retry_after)))
     if decision.status == 401 and not any(
         name.lower() == "www-authenticate" for name, _ in decision.headers
     ):
-        extra.append(("WWW-Authenticate", "Bearer"))
-    if ctx.response_fields or ctx.response_headers:
-        extra += ctx.added_headers()
-    if not extra:  # nothing to merge: the common case, floods included
-        own, count = _rendered(decision)
-        return f"X-Request-Id: {ctx.request_id}\r\n{own}", count + 1
-    pairs = [("X-Request-Id", ctx.request_id), *decision.headers, *extra]
+        pairs.append(("WWW-Authenticate", "Bearer"))
+    pairs += added
     by_name = {name.lower(): (name, value) for name, value in pairs}
     return "".join([f"{name}: {value}\r\n" for name, value in by_name.values()]), len(by_name)
 

@@ -12,8 +12,10 @@ from http import HTTPStatus
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.test_utils import make_mocked_request
 
+from shieldproxy import responses
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import Decision, deny
 from shieldproxy.limits.headers import ReserveFields
@@ -451,3 +453,53 @@ def test_rendered_fields_and_pairs_both_reach_a_later_denial() -> None:
     for name, value in ctx.added_headers():
         assert head.count(f"\r\n{name}: ") == 1
         assert f"\r\n{name}: {value}\r\n" in head + "\r\n"
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        deny(429, "rate_limited", "rate limit exceeded", headers=(("RateLimit", '"k";r=0;t=9'),)),
+        deny(429, "rate_limited", "100% used", headers=(("X-Note", "50%d"),), retry_after=9),
+        deny(401, "invalid_key", "the API key is not valid"),
+        deny(401, "invalid_key", "no", headers=(("WWW-Authenticate", 'Bearer realm="x"'),)),
+        deny(503, "store_unavailable", "down", retry_after=1),
+        deny(403, "insufficient_scope", "the API key lacks the scope: wr\u00efte"),
+    ],
+)
+@pytest.mark.parametrize("request_id", ["1271e52fda5b000000a910", "proxy.id:7-a"])
+def test_a_laid_out_answer_is_the_general_one_byte_for_byte(
+    decision: Decision, request_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep-alive HTTP/1.1 denials are answered from bytes laid out once per decision; they
+    must be exactly what the general path builds for the same request id."""
+    monkeypatch.setattr(responses, "rfc822_formatted_time", lambda: "Sat, 21 Nov 2026 23:55:40 GMT")
+
+    def answer() -> bytes:
+        ctx = RequestContext(make_mocked_request("GET", "/v1/items"), request_id, 0.0)
+        response = deny_response(ctx, decision)
+        assert isinstance(response, WholeAnswer)
+        return response._raw
+
+    laid_out = answer()
+    assert responses._LAYOUTS[id(decision)][1] is not None, "the laid-out path answered"
+    monkeypatch.setattr(responses, "_layout", lambda _: None)
+    assert laid_out == answer()
+
+
+@pytest.mark.parametrize(
+    ("method", "version", "closing", "decision"),
+    [
+        ("HEAD", HttpVersion11, False, deny(429, "rate_limited", "rate limit exceeded")),
+        ("GET", HttpVersion11, True, deny(429, "rate_limited", "rate limit exceeded")),
+        ("GET", HttpVersion10, False, deny(429, "rate_limited", "rate limit exceeded")),
+        ("GET", HttpVersion11, False, deny(400, "bad_request", "bad")),  # closes: rest unread
+    ],
+)
+def test_answers_that_differ_per_request_take_the_general_path(
+    method: str, version: HttpVersion, closing: bool, decision: Decision
+) -> None:
+    request = make_mocked_request(method, "/v1/items", version=version, closing=closing)
+    response = deny_response(RequestContext(request, "r-1", 0.0), decision)
+    assert isinstance(response, WholeAnswer)
+    entry = responses._LAYOUTS.get(id(decision))
+    assert entry is None or entry[0] is not decision or entry[1] is None
