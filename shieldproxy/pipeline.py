@@ -48,8 +48,12 @@ class Pipeline:
 
     async def run(self, ctx: RequestContext) -> Decision:
         for check in self.checks:
-            decision = await check.decide(ctx)
-            if decision is ALLOW or decision.allowed:
+            decision = check.decide(ctx)
+            if decision is ALLOW:
+                continue
+            if not isinstance(decision, Decision):
+                decision = await decision  # the check has to wait for the store
+            if decision.allowed:
                 continue
             if decision.shadow:
                 if ctx.shadow_denials is None:

@@ -1,1 +1,1 @@
-"""One small module per decision; each check is `async def decide(ctx) -> Decision`."""
+"""One small module per decision; each check is `decide(ctx) -> Decision` (see base.Check)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, unquote_plus
 
 from shieldproxy.checks.client_ip import ip_prefixer
@@ -51,7 +51,7 @@ class ApiKeyCheck:
             str, tuple[KeyView, float, tuple[tuple[LimitRule, str | None], ...]]
         ] = {}
 
-    async def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Decision | Awaitable[Decision]:
         route = ctx.route
         required = self._required
         if route is not None and route.config.auth is not None:
@@ -63,16 +63,15 @@ class ApiKeyCheck:
         if source == "conflict":
             return TWO_KEYS
         view = self._registry.cached_view(secret)  # a known caller: no checksum, no HMAC
-        if view is not None:
-            decision = self._admit(ctx, view)
-        else:
-            decision = await self._authenticate(ctx, secret)
-        if decision is not ALLOW and not required:
-            return ALLOW  # an optional key that does not check out: anonymous, not an error
-        return decision
+        if view is None:
+            return self._authenticate(ctx, secret, required)
+        return _unless_optional(self._admit(ctx, view), required)
 
-    async def _authenticate(self, ctx: RequestContext, secret: str) -> Decision:
+    async def _authenticate(self, ctx: RequestContext, secret: str, required: bool) -> Decision:
         """A secret the cache does not vouch for: checked, looked up, then admitted."""
+        return _unless_optional(await self._look_up(ctx, secret), required)
+
+    async def _look_up(self, ctx: RequestContext, secret: str) -> Decision:
         if not well_formed(secret):
             return INVALID  # typos and made-up keys never reach the store
         # Made-up keys with valid checksums: a bounded number of lookups per network.
@@ -97,7 +96,7 @@ class ApiKeyCheck:
 
     def _admit(self, ctx: RequestContext, view: KeyView) -> Decision:
         """The key's status and dates, then its identity on the context. Synchronous: a
-        cached caller, the common case, costs no coroutine beyond the check's own."""
+        cached caller, the common case, costs no coroutine."""
         now = self._wall()
         if view.revoked:
             return REVOKED
@@ -157,6 +156,11 @@ class ApiKeyCheck:
         if len(secrets) > 1:
             return "", "conflict"
         return found[0][0], "authorization" if len(found) > 1 else found[0][1]
+
+
+def _unless_optional(decision: Decision, required: bool) -> Decision:
+    # An optional key that does not check out: anonymous, not an error.
+    return decision if required or decision is ALLOW else ALLOW
 
 
 def too_many_unknown_keys(wait: float) -> Decision:

@@ -47,7 +47,7 @@ class ClientIpCheck:
         address = ipaddress.ip_address(ip)
         return any(address in network for network in self._networks)
 
-    async def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Decision:
         peer = _peer_ip(ctx.request.remote)
         ctx.peer_ip = peer
         if not self._networks or not self.is_trusted(peer):

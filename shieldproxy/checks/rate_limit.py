@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from shieldproxy.checks.client_ip import ip_prefixer
@@ -80,7 +81,7 @@ class RateLimitCheck:
     def rules_for(self, route: Route | None) -> tuple[LimitRule, ...]:
         return self._by_route.get(route.name, self._global) if route else self._global
 
-    async def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Decision | Awaitable[Decision]:
         route = ctx.route
         extra = ctx.extra_limits
         if not extra and not self.rules_for(route):
@@ -111,12 +112,7 @@ class RateLimitCheck:
             ctx.limit_hits = hit_set.hits
             ctx.limit_verdict = hit_set.denial
             return lane.denial
-        decision = await self._check(ctx, hit_set)
-        verdict = ctx.limit_verdict
-        if verdict is not None and verdict is hit_set.denial:
-            lane.denial = decision
-            lane.denial_wait = math.ceil(hit_set.denied_until - now)
-        return decision
+        return self._check(ctx, lane, now)
 
     def _new_lane(self, ctx: RequestContext, lane_key: _LaneKey) -> _Lane:
         route = ctx.route
@@ -148,8 +144,11 @@ class RateLimitCheck:
             del lanes[next(iter(lanes))]  # the oldest shape: rebuilding one costs microseconds
         return lane
 
-    async def _check(self, ctx: RequestContext, hit_set: HitSet) -> Decision:
-        """Ask the limiter: the store, its over-limit cache or the fallback."""
+    async def _check(self, ctx: RequestContext, lane: _Lane, now: float) -> Decision:
+        """Ask the limiter: the store, its over-limit cache or the fallback. A denial from its
+        over-limit cache is kept on the lane for the requests that follow."""
+        hit_set = lane.hit_set
+        assert hit_set is not None  # a lane without hits admits at once
         hits = hit_set.hits
         verdict = await self._limiter.check(hits, hit_set)
         ctx.limit_hits = hits
@@ -169,13 +168,17 @@ class RateLimitCheck:
                 return Decision(allowed=False, shadow=True, status=429, code="rate_limited")
             return ALLOW
         code = verdict.code
-        return Decision(
+        decision = Decision(
             allowed=False,
             status=_STATUS.get(code, 429),
             code=code,
             message=_MESSAGES.get(code, "rate limit exceeded"),
             headers=tuple(headers),
         )
+        if verdict is hit_set.denial:
+            lane.denial = decision
+            lane.denial_wait = math.ceil(hit_set.denied_until - now)
+        return decision
 
     def _subject(self, rule: LimitRule, ctx: RequestContext, route: Route | None) -> str | None:
         """The value a rule counts by; None = the rule does not apply (e.g. no key yet)."""

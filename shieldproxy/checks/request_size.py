@@ -19,7 +19,7 @@ class RequestSizeCheck:
         self._max_header_count = max_header_count
         self._max_body_bytes = max_body_bytes
 
-    async def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Decision:
         raw_headers = ctx.request.raw_headers
         if len(raw_headers) > self._max_header_count:
             return deny(431, "headers_too_large", "too many request headers")

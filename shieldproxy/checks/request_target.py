@@ -75,7 +75,7 @@ def _decode_unreserved(path: str) -> str:
 class RequestTargetCheck:
     name = "request_target"
 
-    async def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Decision:
         request = ctx.request
         if request.method in _REFUSED_METHODS:
             return deny(405, "method_not_allowed", f"{request.method} is not proxied")

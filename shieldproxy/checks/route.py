@@ -13,7 +13,7 @@ class RouteCheck:
     def __init__(self, table: RouteTable) -> None:
         self._table = table
 
-    async def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Decision:
         if self._table.routes:
             ctx.route = self._table.match(ctx.request.method, ctx.path)
         return ALLOW

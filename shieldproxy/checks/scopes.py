@@ -16,7 +16,7 @@ class ScopesCheck:
 
     name = "scopes"
 
-    async def decide(self, ctx: RequestContext) -> Decision:
+    def decide(self, ctx: RequestContext) -> Decision:
         key = ctx.key
         if key is None:
             return ALLOW  # auth not required on this route and no key given

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from shieldproxy.checks.base import decided
 from shieldproxy.checks.rate_limit import RateLimitCheck
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
@@ -226,7 +227,7 @@ class Lanes:
         ctx = RequestContext(self.request, "rid", 0.0)
         ctx.client_ip, ctx.route, ctx.key_id = "203.0.113.7", self.route, "k1"
         ctx.extra_limits = extra
-        decision = await self.check.decide(ctx)
+        decision = await decided(self.check, ctx)
         # Between requests a server's loop runs other tasks: here, the refills they spawned
         # (the local store answers without ever suspending).
         await asyncio.sleep(0)
