@@ -234,9 +234,7 @@ class Forwarder:
                 parts.append(b"Content-Length: %d\r\n" % length)
             else:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
-        if ctx.upstream_headers:
-            for name_s, value_s in ctx.upstream_headers:
-                parts.append(f"{name_s}: {value_s}\r\n".encode("latin-1", "replace"))
+        parts.append(ctx.upstream_lines)
         parts.append(b"\r\n")
         return b"".join(parts)
 

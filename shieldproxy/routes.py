@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from shieldproxy.config import RouteConfig
 
+_SEEN_MAX = 4096  # remembered (method, path) pairs per route table
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -53,7 +55,7 @@ def _glob(text: str) -> str:
 class RouteTable:
     """First matching route wins, in config order."""
 
-    __slots__ = ("routes",)
+    __slots__ = ("_seen", "routes")
 
     def __init__(self, configs: tuple[RouteConfig, ...]) -> None:
         self.routes = tuple(
@@ -66,8 +68,20 @@ class RouteTable:
             for config in configs
         )
 
+        # (method, path) -> its route, for the paths seen lately. Why: a regex per route per
+        # request is the cost of routing, and clients repeat a few paths. Bounded, since the
+        # paths are the clients' choice: emptied when full, rebuilt by the next requests.
+        self._seen: dict[tuple[str, str], Route | None] = {}
+
     def match(self, method: str, path: str) -> Route | None:
-        for route in self.routes:
-            if route.matches(method, path):
-                return route
-        return None
+        key = (method, path)
+        seen = self._seen
+        try:
+            return seen[key]
+        except KeyError:
+            pass
+        route = next((r for r in self.routes if r.matches(method, path)), None)
+        if len(seen) >= _SEEN_MAX:
+            seen.clear()
+        seen[key] = route
+        return route

@@ -27,6 +27,7 @@ class KeyView:
     # What the upstream is told about the caller: X-Shield-Key-Id, -Tenant-Id and -Scopes
     # ("read,write"), made once per view rather than once per request.
     identity_headers: tuple[tuple[str, str], ...]
+    identity_lines: bytes  # the same as header lines, as the upstream request head carries them
     revoked: bool
     expires_at: float | None  # epoch seconds
     secret_valid_until: float | None  # a rotated-out secret stops working then

@@ -236,14 +236,18 @@ class KeyRegistry:
         plan = self._config.plans.get(tenant["plan"]) if tenant else None
         scopes = frozenset(doc.get("scopes") or ())
         quota = doc.get("quota") or {}
+        identity = (
+            ("X-Shield-Key-Id", doc["id"]),
+            ("X-Shield-Tenant-Id", tenant_id),
+            ("X-Shield-Scopes", ",".join(sorted(scopes))),
+        )
         return KeyView(
             id=doc["id"],
             tenant_id=tenant_id,
             scopes=scopes,
-            identity_headers=(
-                ("X-Shield-Key-Id", doc["id"]),
-                ("X-Shield-Tenant-Id", tenant_id),
-                ("X-Shield-Scopes", ",".join(sorted(scopes))),
+            identity_headers=identity,
+            identity_lines="".join(f"{name}: {value}\r\n" for name, value in identity).encode(
+                "latin-1", "replace"
             ),
             revoked=doc.get("status") == "revoked",
             expires_at=doc.get("expires_at"),
