@@ -83,50 +83,89 @@ class ReserveFields:
     state is its reserve's, rendered as header lines in one formatting operation.
 
     Why: the busiest subjects' requests all come this way, and their fields differ from one
-    response to the next only in numbers. The lines around the numbers are laid out once per
-    shape, as a printf template; a response then costs the numbers and one `%`, instead of a
-    string per policy, a pair per field and a second pass turning the pairs into lines.
+    response to the next only in the remaining counts. Everything else (names, limits, the
+    seconds to each reset, which change once a second) is laid out as a printf template when
+    it changes ("baked"); a response then costs reading its reserves and one `%`.
     """
 
-    __slots__ = ("_legacy", "_shown", "_template", "count")
+    __slots__ = (
+        "_baked",
+        "_fresh_until",
+        "_head",
+        "_legacy",
+        "_limits",
+        "_names",
+        "_order",
+        "_templates",
+        "count",
+    )
 
     def __init__(self, policy: str, shown: Sequence[tuple[int, str, int]], legacy: bool) -> None:
         """`shown`: (reserve index, quoted policy name, limit) of each enforced policy, in order;
         at least one (with none enforced a response has no fields to render)."""
         assert shown, "no enforced policy: nothing to render"
         self._legacy = legacy
-        self._shown = tuple((i, limit) for i, _, limit in shown)
-        current = ", ".join(f"{_printf(name)};r=%d;t=%d" for _, name, _ in shown)
-        template = f"RateLimit-Policy: {_printf(policy)}\r\nRateLimit: {current}\r\n"
-        self.count = 2
-        if legacy:
-            template += (
-                "X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n"
-            )
-            self.count = 5
-        self._template = template
+        self._head = f"RateLimit-Policy: {_printf(policy)}\r\nRateLimit: "
+        self._names = tuple(_printf(name) for _, name, _ in shown)
+        self._limits = tuple(limit for _, _, limit in shown)
+        self.count = 5 if legacy else 2
+        # Set by _bake (the first render bakes): (reserve index, its reset_at) per policy, the
+        # templates (one per policy the legacy trio may describe) and the order that picks
+        # among them.
+        self._baked: tuple[tuple[int, float], ...] = tuple((i, math.nan) for i, _, _ in shown)
+        self._templates: tuple[str, ...] = ()
+        self._order: tuple[int, ...] = ()
+        self._fresh_until = -math.inf  # limiter clock: the first second to tick over
 
     def render(self, reserves: Sequence[Reserve], now: float) -> str:
         """The header lines ("Name: value\\r\\n" each, `count` of them) for these reserves."""
-        values: list[int] = []
-        worst_limit = worst_left = worst_t = 0
-        worst_reset: float | None = None
-        for i, limit in self._shown:
+        if now >= self._fresh_until:
+            self._bake(reserves, now)
+        lefts: list[int] = []
+        for i, reset_at in self._baked:
             r = reserves[i]
-            left = r.base + r.left
-            reset = r.reset_at - now
-            t = math.ceil(reset - 1e-9) if reset > 0 else 0  # as _seconds(), inline
-            values += (left, t)
-            # The legacy trio can describe one policy only: the one closest to denying.
-            if (
-                worst_reset is None
-                or left < worst_left
-                or (left == worst_left and reset > worst_reset)
-            ):
-                worst_limit, worst_left, worst_t, worst_reset = limit, left, t, reset
+            if r.reset_at != reset_at:  # a grant moved it: bake again, then render once more
+                self._bake(reserves, now)
+                return self.render(reserves, now)
+            lefts.append(r.base + r.left)
+        if not self._legacy:
+            return self._templates[0] % tuple(lefts)
+        # The legacy trio describes the policy closest to denying: the least remaining, and of
+        # those the latest reset (_order lists the policies by reset, latest first).
+        low = min(lefts)
+        for k in self._order:
+            if lefts[k] == low:
+                lefts.append(low)
+                return self._templates[k] % tuple(lefts)
+        raise AssertionError("unreachable: some policy holds the minimum")
+
+    def _bake(self, reserves: Sequence[Reserve], now: float) -> None:
+        """Lay the templates out for the seconds to each reset as of `now`."""
+        baked = []
+        seconds = []
+        fresh_until = math.inf
+        for i, _ in self._baked:
+            reset_at = reserves[i].reset_at
+            reset = reset_at - now
+            t = math.ceil(reset - 1e-9) if reset > 0 else 0  # as _seconds()
+            if t > 0:  # t drops by one when reset - 1e-9 reaches t - 1 (a microsecond early)
+                fresh_until = min(fresh_until, reset_at - 1e-9 - (t - 1) - 1e-6)
+            baked.append((i, reset_at))
+            seconds.append(t)
+        named = zip(self._names, seconds, strict=True)
+        current = ", ".join(f"{name};r=%d;t={t}" for name, t in named)
+        lines = f"{self._head}{current}\r\n"
         if self._legacy:
-            values += (worst_limit, worst_left, worst_t)
-        return self._template % tuple(values)
+            self._templates = tuple(
+                f"{lines}X-RateLimit-Limit: {limit}\r\nX-RateLimit-Remaining: %d\r\n"
+                f"X-RateLimit-Reset: {t}\r\n"
+                for limit, t in zip(self._limits, seconds, strict=True)
+            )
+            self._order = tuple(sorted(range(len(baked)), key=lambda k: -baked[k][1]))
+        else:
+            self._templates = (lines,)
+        self._baked = tuple(baked)
+        self._fresh_until = fresh_until
 
 
 def _printf(text: str) -> str:

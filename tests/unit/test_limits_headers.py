@@ -79,3 +79,52 @@ def test_headers_from_reserves_are_the_generic_headers(
     lines = fields.render(reserves, now)
     assert lines == "".join(f"{name}: {value}\r\n" for name, value in expected)
     assert fields.count == len(expected)
+
+
+# One step of a lane's life between two responses: time passes, the reserves are spent, and
+# now and then a grant moves a reserve's reset.
+_step = st.tuples(
+    st.floats(0.0, 2.5, allow_nan=False),  # seconds since the previous response
+    st.integers(0, 3),  # units spent from each reserve
+    st.one_of(st.none(), st.tuples(st.integers(0, 3), st.floats(-1.0, 90.0, allow_nan=False))),
+)
+
+
+@given(
+    st.lists(_policy, min_size=1, max_size=4),
+    st.lists(_step, min_size=1, max_size=40),
+    st.booleans(),
+)
+def test_fields_rendered_over_time_are_the_generic_headers(
+    policies: list[tuple[str, int, int, int, float]],
+    steps: list[tuple[float, int, tuple[int, float] | None]],
+    legacy: bool,
+) -> None:
+    """What ReserveFields lays out once (the seconds to each reset) must never be stale:
+    response after response, as time passes and grants move resets, its lines are
+    headers_for()'s, at every whole second and at the instants a second ticks over."""
+    now = 1000.0
+    reserves = [
+        Reserve(base=base, left=left + 10, reset_at=now + reset)
+        for _, _, base, left, reset in policies
+    ]
+    shown = [(i, name, limit) for i, (name, limit, *_) in enumerate(policies)]
+    fields = ReserveFields("P", shown, legacy)
+    for elapsed, spent, moved in steps:
+        now += elapsed
+        for r in reserves:
+            r.left = max(0, r.left - spent)
+        if moved is not None:
+            index, reset = moved
+            reserves[index % len(reserves)].reset_at = now + reset
+        # Now, then the instant the first policy's seconds tick over (the limiter's clock
+        # never goes back).
+        for at in (now, now + (reserves[0].reset_at - now) % 1.0):
+            states = [
+                (name, limit, r.base + r.left, r.reset_at - at)
+                for (name, limit, *_), r in zip(policies, reserves, strict=True)
+            ]
+            expected = headers_for("P", states, None)[: fields.count]
+            lines = "".join(f"{name}: {value}\r\n" for name, value in expected)
+            assert fields.render(reserves, at) == lines, (at, [r.reset_at for r in reserves])
+            now = at
