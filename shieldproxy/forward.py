@@ -77,6 +77,7 @@ _KEY_CARRIERS = {
     "query": frozenset({b"x-api-key"}),
 }
 _ALL_KEY_CARRIERS = _KEY_CARRIERS["authorization"]
+_NONE: frozenset[bytes] = frozenset()
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # nominate nothing: skip parsing
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Fields checks add to forwarded responses (RequestContext.added_headers(): the rate-limit
@@ -116,10 +117,11 @@ def client_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     """The client's headers that may reach the upstream (plain requests and WebSockets)."""
     request = ctx.request
     connection = request.headers.getall("Connection", ())
-    extra = nominated(connection) if connection else frozenset()
+    extra = nominated(connection) if connection else _NONE
     if ctx.key_source:
         # The API key never reaches the upstream; the identity headers replace it.
-        extra = extra | _KEY_CARRIERS.get(ctx.key_source, _ALL_KEY_CARRIERS)
+        carriers = _KEY_CARRIERS.get(ctx.key_source, _ALL_KEY_CARRIERS)
+        extra = extra | carriers if extra else carriers
     return [pair for pair in request.raw_headers if not _strip_request_header(pair[0], extra)]
 
 
