@@ -518,6 +518,19 @@ def report(benches: dict[str, Bench]) -> dict[str, Any]:
         f"{ratio(rps['auth-only'], rps['no-limits']):6.2f}x"
         "  what a cached API key costs"
     )
+    instructions = {t.name: t.median().instructions_per_request for t in targets}
+    for top_name, bottom_name in (
+        ("3-limits", "no-limits"),
+        ("flood-429", "3-limits"),
+        ("3-limits", "auth-only"),
+    ):
+        top_count, bottom_count = instructions[top_name], instructions[bottom_name]
+        if top_count and bottom_count:
+            label = f"{top_name} / {bottom_name} instructions (informational)"
+            print(
+                f"{label:<44} {ratio(bottom_count, top_count):6.2f}x"
+                "  per request, inverted to read like req/s; not moved by a noisy VM"
+            )
     print(
         f"flood heartbeats: {top['evalsha heartbeat']} in {seconds}s ({heartbeats_per_s:.2f}/s, all instances)"
     )
