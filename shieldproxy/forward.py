@@ -121,7 +121,7 @@ def client_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     if ctx.key_source:
         # The API key never reaches the upstream; the identity headers replace it.
         carriers = _KEY_CARRIERS.get(ctx.key_source, _ALL_KEY_CARRIERS)
-        extra = extra | carriers if extra else carriers
+        extra = (extra | carriers) if extra else carriers
     return [pair for pair in request.raw_headers if not _strip_request_header(pair[0], extra)]
 
 

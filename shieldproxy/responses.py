@@ -95,6 +95,7 @@ def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse
     request = ctx.request
     if (
         request.keep_alive
+        and decision.status not in _CLOSE_AFTER
         and not (ctx.response_fields or ctx.response_headers)
         and request.version == HttpVersion11
         and request.method != "HEAD"
@@ -129,7 +130,7 @@ class _Layout:
     (whole_answer's) are the same each time: done once here, an answer costs one join.
     """
 
-    decision: Decision  # held, so that the id keying _LAYOUTS names it while this exists
+    decision: Decision
     head: bytes  # the status line and the fields up to the date
     before_id: bytes  # from the end of the date to the request id
     after_id: bytes  # from the request id to "Content-Length: "
@@ -137,7 +138,9 @@ class _Layout:
     body_tail: bytes  # ...and after it
 
     def answer(self, request_id: str) -> WholeAnswer:
-        rid = request_id.encode("ascii")  # generated hex, or a proxy's [A-Za-z0-9._:-]
+        # Generated hex, or a trusted proxy's id matching client_ip._REQUEST_ID: ASCII that
+        # JSON does not escape (a test holds that pattern to it).
+        rid = request_id.encode("ascii")
         length = len(self.body_head) + len(rid) + len(self.body_tail)
         date = rfc822_formatted_time().encode("ascii")
         raw = b"".join(
@@ -156,25 +159,38 @@ class _Layout:
         return WholeAnswer(self.decision.status, raw, keep_alive=True)
 
 
-# id(decision) -> (decision, its layout or None when it has none); one per cached decision.
+# id(decision) -> (decision, its layout or None when it has none), for decisions answered
+# more than once; and the decisions answered once so far. Most denials are built per request
+# (a missing scope, a fault): they never get past _SEEN, so however many there are, they
+# cost no layout and push none of a flood's out. Both are bounded: emptied when full.
 _LAYOUTS: dict[int, tuple[Decision, _Layout | None]] = {}
+_SEEN: dict[int, Decision] = {}
+_MAX_DECISIONS = 4096
 
 
 def _layout(decision: Decision) -> _Layout | None:
-    entry = _LAYOUTS.get(id(decision))
-    if entry is None or entry[0] is not decision:
-        if len(_LAYOUTS) >= 4096:
-            _LAYOUTS.clear()  # one-off decisions (a new client each time) must not pile up
-        entry = _LAYOUTS[id(decision)] = (decision, _lay_out(decision))
-    return entry[1]
+    """The decision's layout from its second answer on; None before, or if it has none."""
+    key = id(decision)
+    entry = _LAYOUTS.get(key)
+    if entry is not None and entry[0] is decision:
+        return entry[1]
+    if _SEEN.get(key) is not decision:
+        if len(_SEEN) >= _MAX_DECISIONS:
+            _SEEN.clear()
+        _SEEN[key] = decision
+        return None
+    if len(_LAYOUTS) >= _MAX_DECISIONS:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (decision, _lay_out(decision))
+    return _LAYOUTS[key][1]
 
 
 def _lay_out(decision: Decision) -> _Layout | None:
-    """The answer deny_response's general path would send, split at the date and the id;
-    None where that path must decide per answer (the status closes the connection, or a
-    field would be refused)."""
+    """The answer deny_response's general path would send to a keep-alive HTTP/1.1 request,
+    split at the date and the id; None where that path must decide (a status without a
+    reason phrase, or a field that would be refused)."""
     line = _STATUS_LINES.get(decision.status)
-    if line is None or decision.status in _CLOSE_AFTER:
+    if line is None:
         return None
     own, count = _field_lines(_ID_MARK, decision, [])
     fields = f"{_FIXED_FIELDS}Date: {_DATE_MARK}\r\n{own}Content-Length: ".encode(

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from shieldproxy.config import RouteConfig
 
-_SEEN_MAX = 4096  # remembered (method, path) pairs per route table
+# Remembered (method, path) pairs per route table, of paths up to this long: at most about
+# 1 MiB however long the paths a client sends (the request line may be 64 KiB).
+_SEEN_MAX = 4096
+_SEEN_PATH_MAX = 256
+_UNSEEN = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +81,12 @@ class RouteTable:
     def match(self, method: str, path: str) -> Route | None:
         key = (method, path)
         seen = self._seen
-        try:
-            return seen[key]
-        except KeyError:
-            pass
+        route = seen.get(key, _UNSEEN)
+        if route is not _UNSEEN:
+            return cast("Route | None", route)
         route = next((r for r in self.routes if r.matches(method, path)), None)
-        if len(seen) >= _SEEN_MAX:
-            seen.clear()
-        seen[key] = route
+        if len(path) <= _SEEN_PATH_MAX:
+            if len(seen) >= _SEEN_MAX:
+                seen.clear()
+            seen[key] = route
         return route

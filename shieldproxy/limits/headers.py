@@ -90,6 +90,7 @@ class ReserveFields:
 
     __slots__ = (
         "_baked",
+        "_baked_at",
         "_fresh_until",
         "_head",
         "_legacy",
@@ -115,18 +116,22 @@ class ReserveFields:
         self._baked: tuple[tuple[int, float], ...] = tuple((i, math.nan) for i, _, _ in shown)
         self._templates: tuple[str, ...] = ()
         self._order: tuple[int, ...] = ()
-        self._fresh_until = -math.inf  # limiter clock: the first second to tick over
+        # Limiter clock: the templates hold from _baked_at until the first second ticks over.
+        # The limiter's clock is monotonic; an earlier `now` bakes again all the same.
+        self._baked_at = math.inf
+        self._fresh_until = -math.inf
 
     def render(self, reserves: Sequence[Reserve], now: float) -> str:
         """The header lines ("Name: value\\r\\n" each, `count` of them) for these reserves."""
-        if now >= self._fresh_until:
+        if not self._baked_at <= now < self._fresh_until:  # a second ticked (or time went back)
             self._bake(reserves, now)
         lefts: list[int] = []
         for i, reset_at in self._baked:
             r = reserves[i]
-            if r.reset_at != reset_at:  # a grant moved it: bake again, then render once more
+            if r.reset_at != reset_at:  # a grant moved a reset: lay out again, read again
                 self._bake(reserves, now)
-                return self.render(reserves, now)
+                lefts = [reserves[i].base + reserves[i].left for i, _ in self._baked]
+                break
             lefts.append(r.base + r.left)
         if not self._legacy:
             return self._templates[0] % tuple(lefts)
@@ -165,6 +170,7 @@ class ReserveFields:
         else:
             self._templates = (lines,)
         self._baked = tuple(baked)
+        self._baked_at = now
         self._fresh_until = fresh_until
 
 

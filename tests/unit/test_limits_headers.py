@@ -117,9 +117,10 @@ def test_fields_rendered_over_time_are_the_generic_headers(
         if moved is not None:
             index, reset = moved
             reserves[index % len(reserves)].reset_at = now + reset
-        # Now, then the instant the first policy's seconds tick over (the limiter's clock
-        # never goes back).
-        for at in (now, now + (reserves[0].reset_at - now) % 1.0):
+        # Now, then around the instant each policy's seconds next tick over: a microsecond
+        # before, and at it (the limiter's clock never goes back).
+        ticks = [now + (r.reset_at - now) % 1.0 for r in reserves]
+        for at in sorted({now, *ticks, *(max(now, t - 1e-6) for t in ticks)}):
             states = [
                 (name, limit, r.base + r.left, r.reset_at - at)
                 for (name, limit, *_), r in zip(policies, reserves, strict=True)
@@ -128,3 +129,12 @@ def test_fields_rendered_over_time_are_the_generic_headers(
             lines = "".join(f"{name}: {value}\r\n" for name, value in expected)
             assert fields.render(reserves, at) == lines, (at, [r.reset_at for r in reserves])
             now = at
+
+
+def test_an_earlier_clock_reading_is_rendered_as_it_is() -> None:
+    """The limiter's clock is monotonic; a renderer handed an earlier `now` all the same
+    (another clock injected) shows that instant's seconds, not the later ones it laid out."""
+    reserve = Reserve(base=90, left=5, reset_at=100.0)
+    fields = ReserveFields('"p"', [(0, '"p"', 100)], legacy=False)
+    assert fields.render([reserve], 97.5) == 'RateLimit-Policy: "p"\r\nRateLimit: "p";r=95;t=3\r\n'
+    assert fields.render([reserve], 96.5) == 'RateLimit-Policy: "p"\r\nRateLimit: "p";r=95;t=4\r\n'

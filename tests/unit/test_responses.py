@@ -16,6 +16,7 @@ from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.test_utils import make_mocked_request
 
 from shieldproxy import responses
+from shieldproxy.checks.client_ip import _REQUEST_ID
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import Decision, deny
 from shieldproxy.limits.headers import ReserveFields
@@ -480,10 +481,36 @@ def test_a_laid_out_answer_is_the_general_one_byte_for_byte(
         assert isinstance(response, WholeAnswer)
         return response._raw
 
+    general = answer()  # a decision's first answer takes the general path
     laid_out = answer()
-    assert responses._LAYOUTS[id(decision)][1] is not None, "the laid-out path answered"
-    monkeypatch.setattr(responses, "_layout", lambda _: None)
-    assert laid_out == answer()
+    assert responses._LAYOUTS[id(decision)][1] is not None, "the second was laid out"
+    assert laid_out == general
+
+
+def test_denials_built_per_request_never_push_a_floods_layout_out() -> None:
+    flood = deny(429, "rate_limited", "rate limit exceeded", retry_after=30)
+
+    def answer(decision: Decision) -> WholeAnswer:
+        ctx = RequestContext(make_mocked_request("GET", "/v1/items"), "r-1", 0.0)
+        response = deny_response(ctx, decision)
+        assert isinstance(response, WholeAnswer)
+        return response
+
+    answer(flood)
+    answer(flood)
+    assert responses._LAYOUTS[id(flood)][0] is flood
+    for n in range(2 * responses._MAX_DECISIONS):  # e.g. a missing scope, built each time
+        answer(deny(403, "insufficient_scope", f"the API key lacks the scope: s{n}"))
+    assert responses._LAYOUTS[id(flood)][0] is flood
+    assert len(responses._SEEN) <= responses._MAX_DECISIONS
+
+
+def test_a_proxys_request_id_is_ascii_that_json_leaves_as_it_is() -> None:
+    """The laid-out answer splices the request id in as ASCII, unescaped, in the body too:
+    only ids the trusted-proxy pattern admits (and our hex ids) may reach it."""
+    admitted = [chr(c) for c in range(0x250) if _REQUEST_ID.fullmatch(chr(c))]
+    assert admitted and all(c.isascii() for c in admitted)
+    assert all(orjson.dumps(c) == f'"{c}"'.encode() for c in admitted)
 
 
 @pytest.mark.parametrize(

@@ -44,3 +44,10 @@ def test_what_is_remembered_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(100):  # a client choosing a new path each time
         assert names(t, "GET", f"/v1/items/{n}") == "items"
         assert len(t._seen) <= 8
+
+
+def test_long_paths_are_matched_but_not_remembered() -> None:
+    t = table()
+    long = "/v1/items/" + "x" * routes._SEEN_PATH_MAX
+    assert names(t, "GET", long) == "items"
+    assert not t._seen
