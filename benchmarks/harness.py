@@ -367,7 +367,7 @@ class Target:
         """Per-metric median over the runs; error counts are summed (any error spoils it)."""
         runs = self.runs
         cpu = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
-        counted = [r.instructions_per_request for r in runs]
+        counted = [r.instructions_per_request for r in runs if r.instructions_per_request]
         return WrkResult(
             requests_per_s=statistics.median(r.requests_per_s for r in runs),
             p50_ms=statistics.median(r.p50_ms for r in runs),
@@ -376,10 +376,9 @@ class Target:
             errors=sum(r.errors for r in runs),
             non_2xx=sum(r.non_2xx for r in runs),
             cpu_us_per_request=statistics.median(cpu) if cpu else None,
+            # Only when every run was counted: a median of some rounds is not comparable.
             instructions_per_request=(
-                statistics.median(c for c in counted if c is not None)
-                if counted and None not in counted
-                else None
+                statistics.median(counted) if counted and len(counted) == len(runs) else None
             ),
         )
 
@@ -389,10 +388,12 @@ class Target:
         if self.rss_pid is None:
             return run()
         counter = None if self.rss_children else InstructionCounter.start(self.rss_pid)
-        before = cpu_seconds(self.rss_pid, include_children=self.rss_children)
-        result = run()
-        spent = cpu_seconds(self.rss_pid, include_children=self.rss_children) - before
-        instructions = counter.stop() if counter is not None else None
+        try:
+            before = cpu_seconds(self.rss_pid, include_children=self.rss_children)
+            result = run()
+            spent = cpu_seconds(self.rss_pid, include_children=self.rss_children) - before
+        finally:
+            instructions = counter.stop() if counter is not None else None
         if not result.requests:
             return result
         return replace(
@@ -436,7 +437,9 @@ class InstructionCounter:
         perf = shutil.which("perf")
         if perf is None:
             return None
-        output = Path(tempfile.mkstemp(prefix="perf-stat-", suffix=".csv")[1])
+        fd, name = tempfile.mkstemp(prefix="perf-stat-", suffix=".csv")
+        os.close(fd)
+        output = Path(name)
         argv = [perf, "stat", "-x", ",", "-e", "instructions:u,instructions:k"]
         argv += ["-p", str(pid), "-o", str(output)]
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -459,11 +462,11 @@ class InstructionCounter:
             self._output.unlink(missing_ok=True)
         counts = []
         for line in text.splitlines():
-            value, _, rest = line.partition(",")
-            if rest.split(",")[1:2] and rest.split(",")[1].startswith("instructions"):
-                if not value.isdigit():
+            fields = line.split(",")  # value,unit,event,... (perf stat -x ,)
+            if len(fields) > 2 and fields[2].startswith("instructions"):
+                if not fields[0].isdigit():
                     return None  # "<not supported>" or "<not counted>": no PMU here
-                counts.append(int(value))
+                counts.append(int(fields[0]))
         return float(sum(counts)) if len(counts) == 2 else None
 
 
