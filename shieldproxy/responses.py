@@ -5,6 +5,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import MappingProxyType
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -12,6 +14,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion11
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import Decision
@@ -27,6 +30,7 @@ _STATUS_LINES = {
 # sound: one C-speed pass instead of a regex search and two counts.
 _FIELD_BYTES = bytes(b for b in range(256) if b == 9 or 32 <= b < 127 or b > 127)
 _CRLF = b"\r\n"
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 _FIXED_FIELDS = "Content-Type: application/json\r\nServer: shieldproxy\r\n"
 _FIXED_LINES = _FIXED_FIELDS.count("\n") + 1  # and Date
 # Stand-ins for the date and the request id while a decision's answer is laid out (see
@@ -46,8 +50,17 @@ class WholeAnswer(web.StreamResponse):
     flow control (the write waits while the client does not read) and closing.
     """
 
+    # Its fields are in `raw`: the header map and the per-response state aiohttp would make
+    # for each answer are shared, empty and read-only here, where the base class declares
+    # them mutable (on purpose: adding a field to an answer already serialised raises).
+    _headers = CIMultiDictProxy(CIMultiDict[str]())  # type: ignore[assignment]
+    _state = MappingProxyType[str, Any]({})  # type: ignore[assignment]
+
     def __init__(self, status: int, raw: bytes, *, keep_alive: bool) -> None:
-        super().__init__(status=status)
+        # Not StreamResponse.__init__: it would make that header map and state afresh, half
+        # of this answer's cost (540 of 1,160 ns for a flood's denial).
+        self._status = status
+        self._reason = _REASONS.get(status, "")
         self._raw = raw
         self._keep_alive = keep_alive
 

@@ -530,3 +530,16 @@ def test_answers_that_differ_per_request_take_the_general_path(
     assert isinstance(response, WholeAnswer)
     entry = responses._LAYOUTS.get(id(decision))
     assert entry is None or entry[0] is not decision or entry[1] is None
+
+
+def test_a_whole_answer_is_a_response_whose_fields_are_already_written() -> None:
+    """aiohttp reads its status and keep-alive; its fields live in its bytes, so the header
+    map it shows is empty and refuses additions rather than silently dropping them."""
+    answer = WholeAnswer(429, b"HTTP/1.1 429 Too Many Requests\r\n\r\n", keep_alive=False)
+    assert (answer.status, answer.reason, answer.keep_alive) == (429, "Too Many Requests", False)
+    assert not answer.headers and len(answer) == 0 and answer
+    with pytest.raises(TypeError):
+        answer.headers["X-Late"] = "1"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        answer[web.ResponseKey("key", str)] = "value"
+    assert not WholeAnswer(200, b"", keep_alive=True).headers  # nothing shared leaked
