@@ -52,7 +52,7 @@ RESERVE_SECONDS = 0.05 * SLOWDOWN  # the default horizon, scaled (see the docstr
 # longer under callgrind, and a reply read after the default 50 ms would count as a timeout
 # and send the instance to its fallback (not the path being measured).
 STORE_TIMEOUT_S = 0.05 * SLOWDOWN
-DEFAULT_VARIANTS = "no-limits,auth-only,3-limits,full-plan"
+DEFAULT_VARIANTS = "no-limits,auth-only,3-limits,full-plan,flood-429"
 _REQUESTS = re.compile(r"(\d+) requests in")
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 _EVENT = re.compile(r'^shieldproxy_ratelimit_events_total\{event="(\w+)"\}\s+([\d.e+]+)', re.M)
@@ -135,7 +135,7 @@ def measure(
     try:
         token = (data_dir / "admin-token").read_text().strip()
         key = rb.make_key(variant, admin, token) if variant.plan else ""
-        rb.check_answers(variant.name, url, key, exhaust=False)
+        rb.check_answers(variant.name, url, key, exhaust=variant.exhaust)
         wrk = ["taskset", "-c", rb.LOAD_CPU, "wrk", "-t1", "-c64", "--timeout", "30s"]
         if key:
             wrk += ["-H", f"Authorization: Bearer {key}"]
@@ -154,8 +154,11 @@ def measure(
         if match is None:
             raise BenchError(f"{variant.name}: cannot read wrk's output:\n{out}")
         requests = int(match.group(1))
-        if (non_2xx := _NON_2XX.search(out)) is not None:
-            raise BenchError(f"{variant.name}: {non_2xx.group(1)} answers were not 2xx")
+        non_2xx = _NON_2XX.search(out)
+        denied = int(non_2xx.group(1)) if non_2xx is not None else 0
+        if denied != (requests if variant.exhaust else 0):
+            expected = "429" if variant.exhaust else "2xx"
+            raise BenchError(f"{variant.name}: {denied} of {requests} answers were not {expected}")
         dump = newest_dump(work_dir / variant.name)
         instructions = instructions_since_zero(dump)
         if keep_dumps is not None:
@@ -214,6 +217,7 @@ def main() -> int:
         ("3-limits", "auth-only"),
         ("auth-only", "no-limits"),
         ("full-plan", "3-limits"),
+        ("flood-429", "3-limits"),
     ):
         if top in results and bottom in results:
             label = f"{top} / {bottom}"
