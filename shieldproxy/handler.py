@@ -10,12 +10,17 @@ from aiohttp import web
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision, deny
 from shieldproxy.errors import ShieldError, UpstreamError, fault_decision
+from shieldproxy.http_server import Handover, expect_denials, handed_over
 from shieldproxy.metrics import UNMATCHED_ROUTE
-from shieldproxy.responses import deny_response
+from shieldproxy.responses import deny_response, laid_out
 from shieldproxy.state import ProxyState, Runtime
 from shieldproxy.websocket import is_websocket_upgrade, relay_websocket
 
 CANCELLED = 499  # nginx's status for a request whose client went away before its answer
+
+
+async def _raise(exc: Exception) -> Decision:
+    raise exc
 
 
 class ProxyHandler:
@@ -25,19 +30,61 @@ class ProxyHandler:
         self._state = state
         self._clock = clock  # the event loop's monotonic time
 
+    def answer_early(self, request: web.BaseRequest) -> bytes | Handover:
+        """Decide a request as its head arrives, before aiohttp makes a task for it.
+
+        The protocol calls this for a request without a body that arrives while no request
+        is being handled, on a connection whose last request was denied (a flood's look:
+        http_server.expect_denials). A denial decided at once and laid out
+        (responses.laid_out) is counted here and returned as the bytes to write: the request
+        is done. Anything else returns the context and the pipeline's outcome, which
+        __call__ takes up when aiohttp hands it the request (the checks never run twice).
+
+        Why: an over-limit flood is answered at the cost of the checks and one write, not
+        that plus a task, a response object and a turn of the event loop or two.
+        """
+        state = self._state
+        ctx = RequestContext(request, state.ids.next(), self._clock())
+        try:
+            outcome = state.runtime.pipeline.begin(ctx)
+        except Exception as exc:  # a bug: raised by __call__, to be answered 500 as ever
+            return ctx, _raise(exc)
+        if (
+            isinstance(outcome, Decision)
+            and not outcome.allowed
+            and (ctx.limit_verdict is None or ctx.limit_verdict.lease is None)
+            and (layout := laid_out(ctx, outcome)) is not None
+        ):
+            answer = layout.raw(ctx.request_id)
+            self._record_answer(ctx, outcome.status, outcome, ctx.started)
+            return answer
+        return ctx, outcome
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         state = self._state
         runtime = state.runtime
         metrics = state.metrics
-        started = self._clock()
-        ctx = RequestContext(request, state.ids.next(), started)
+        handover = handed_over(request)
+        if handover is None:
+            started = self._clock()
+            ctx = RequestContext(request, state.ids.next(), started)
+            outcome = None
+        else:
+            ctx, outcome = handover
+            started = ctx.started
         metrics.in_flight += 1
         try:
-            decision = await runtime.pipeline.run(ctx)
+            decision = runtime.pipeline.begin(ctx) if outcome is None else outcome
+            if not isinstance(decision, Decision):
+                decision = await decision  # a check waits for the store
             if decision.allowed:
                 response = await self._forward(ctx, runtime)
             else:
                 response = deny_response(ctx, decision)
+                if response.keep_alive:
+                    # Denied once, likely again (a flood): the connection's next requests
+                    # are decided as their heads arrive (answer_early).
+                    expect_denials(request)
             self._record_answer(ctx, response.status, ctx.decision or decision, started)
             return response
         except asyncio.CancelledError:

@@ -26,16 +26,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import web, web_protocol
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from shieldproxy.state import RequestIds
 
+if TYPE_CHECKING:
+    from shieldproxy.context import RequestContext
+    from shieldproxy.decision import Decision
+    from shieldproxy.pipeline import PendingRun
+
 log = logging.getLogger("shieldproxy.http")
+# A request decided (or being decided) as its head arrived, for the handler: its context and
+# the pipeline's outcome (a tuple: one is made for every request not answered early).
+Handover = tuple["RequestContext", "Decision | PendingRun | Coroutine[Any, Any, Decision]"]
+# handler.ProxyHandler.answer_early: the answer's bytes, or the request's handover.
+AnswerEarly = Callable[[web.BaseRequest], "bytes | Handover"]
 
 
 def _status_for(
@@ -93,9 +106,20 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         header_timeout: float,
         send_timeout: float,
         on_client_timeout: Callable[[str], None],
+        answer_early: AnswerEarly | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._answer_early = answer_early
+        # A request decided as its head arrived and not answered then: start() is to hand it
+        # to the handler (ProxyServer.request_for, handler.handed_over).
+        self.handover: Handover | None = None
+        self._handover_message: object = None  # the message its request was made for
+        self._answering = False
+        # The last request was denied, its answer leaves the connection open, and start()
+        # has taken no request since: the next is likely denied as well (a flood), and is
+        # offered to answer_early as its head arrives (expect_denials).
+        self.expecting_denials = False
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timeout = send_timeout
@@ -136,15 +160,105 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         transport.abort()  # what it did not take is dropped
 
     def data_received(self, data: bytes) -> None:
+        if (
+            not self.expecting_denials
+            or self._answering
+            or self._messages
+            or self._upgraded
+            or self._paused  # the client is not reading: answers wait for it, in start()
+            or self._close
+            or self._force_close
+        ):
+            self._receive(data)
+            return
+        # No request is being handled: start() waits for one (parked), or has yet to resume
+        # after the denial. aiohttp would wake it for each request this brings; those
+        # answered at once (answer_early) never need it.
+        waiter = self._waiter
+        self._waiter = None
+        try:
+            super().data_received(data)
+        finally:
+            self._waiter = waiter
+        answered = self._answer_queued()
+        if self._messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._time_head(answered > 0)
+
+    def _answer_queued(self) -> int:
+        """Answer queued requests without a body, in order, for as long as answer_early
+        answers them at once; the first it does not is left at the front of the queue for
+        start(), with its handover. Returns how many were answered."""
+        answer_early = self._answer_early
+        assert answer_early is not None
+        messages = self._messages
+        loop = self._loop
+        answered = 0
+        self._answering = True  # what resuming reading parses goes to start()
+        try:
+            while messages and not self._paused:
+                message, payload = messages[0]
+                transport = self.transport
+                if (
+                    payload is not EMPTY_PAYLOAD  # a body: start() and the forwarder
+                    or isinstance(message, web_protocol._ErrInfo)  # start() answers it
+                    or message.upgrade
+                    or transport is None
+                ):
+                    break
+                request = web.BaseRequest(
+                    message,
+                    payload,
+                    self,
+                    None,  # type: ignore[arg-type]  # start()'s writer if handed over (request_for)
+                    self._task_handler,  # type: ignore[arg-type]  # what start() would pass
+                    loop,
+                )
+                answer = answer_early(request)
+                if not isinstance(answer, bytes):
+                    self.handover = answer
+                    self._handover_message = message
+                    self.expecting_denials = False
+                    break
+                messages.popleft()
+                if self._parser is not None:
+                    self._parser.message_consumed()
+                transport.write(answer)
+                answered += 1
+            if answered:
+                # What start() does after each keep-alive answer.
+                if self._manager is not None:
+                    self._manager.requests_count += answered
+                self._keepalive = True
+                close_time = loop.time() + self._keepalive_timeout
+                self._next_keepalive_close_time = close_time
+                if self._keepalive_handle is None:
+                    self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+                if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                    self._resume_reading_if_drained()
+        finally:
+            self._answering = False
+        return answered
+
+    def early_request(
+        self, message: RawRequestMessage, writer: AbstractStreamWriter
+    ) -> web.BaseRequest | None:
+        """The request made for `message` as it arrived, if it was handed over, now with
+        start()'s writer. start() asks as it takes the message: a request is being handled
+        from now on."""
+        self.expecting_denials = False
+        handover = self.handover
+        if handover is None or self._handover_message is not message:
+            return None
+        self._handover_message = None
+        request = handover[0].request
+        # Made without one: an answer written early needs none.
+        request._payload_writer = writer
+        return request
+
+    def _receive(self, data: bytes) -> None:
         super().data_received(data)
-        timer = self._head_timer
-        if self._messages or self._request_in_progress:
-            if timer is not None:
-                timer.cancel()
-                self._head_timer = None
-        elif timer is None and not self._upgraded and not self._force_close:
-            # Bytes of a request head arrived but not all of it: start the head clock.
-            self._head_timer = self._loop.call_later(self._header_timeout, self._head_too_slow)
+        self._time_head(False)
         # A framing error inside a body (a bad chunk size) makes aiohttp queue an error
         # message but leaves the running request's body stream waiting forever: the
         # forwarder would hold the upstream until body_timeout and answer 408. Hand the
@@ -153,6 +267,16 @@ class _ProtocolHandler(web_protocol.RequestHandler):
             error = self._messages[-1][0]
             if isinstance(error, web_protocol._ErrInfo) and not request.content.is_eof():
                 request._cancel(error.exc)
+
+    def _time_head(self, answered: bool) -> None:
+        timer = self._head_timer
+        if answered or self._messages or self._request_in_progress:
+            if timer is not None:
+                timer.cancel()
+                self._head_timer = None
+        elif timer is None and not self._upgraded and not self._force_close:
+            # Bytes of a request head arrived but not all of it: start the head clock.
+            self._head_timer = self._loop.call_later(self._header_timeout, self._head_too_slow)
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -170,6 +294,13 @@ class _ProtocolHandler(web_protocol.RequestHandler):
                 timer.cancel()
         self._head_timer = self._send_timer = None
         self._open_transport = None
+        if self.handover is not None:
+            # The connection went before start() took the request: an outcome still to be
+            # awaited (a PendingRun, a coroutine) never will be.
+            close = getattr(self.handover[1], "close", None)
+            if close is not None:
+                close()
+            self.handover = self._handover_message = None
         super().connection_lost(exc)
 
     def handle_error(
@@ -197,6 +328,29 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         return response
 
 
+def handed_over(request: web.BaseRequest) -> Handover | None:
+    """The handover of this request, taken from its connection (see answer_early)."""
+    protocol = request.protocol
+    if not isinstance(protocol, _ProtocolHandler):
+        return None
+    handover = protocol.handover
+    if handover is None or handover[0].request is not request:
+        return None
+    protocol.handover = None
+    return handover
+
+
+def expect_denials(request: web.BaseRequest) -> None:
+    """The handler answers `request` with a denial that keeps the connection open.
+
+    Called before the answer is written, which then happens without yielding to the loop
+    unless writing is paused, when requests wait for start() anyway: a request arriving
+    before start() resumes is answered early only after this answer."""
+    protocol = request.protocol
+    if isinstance(protocol, _ProtocolHandler):
+        protocol.expecting_denials = True
+
+
 class ProxyServer(web.Server):
     """A web.Server whose connections answer protocol errors as JSON."""
 
@@ -206,9 +360,11 @@ class ProxyServer(web.Server):
         header_timeout: float,
         send_timeout: float = 60.0,
         on_client_timeout: Callable[[str], None] = lambda kind: None,
+        answer_early: AnswerEarly | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, request_factory=self.request_for, **kwargs)
+        self.answer_early = answer_early
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
         self.on_client_timeout = on_client_timeout
@@ -223,8 +379,25 @@ class ProxyServer(web.Server):
             header_timeout=self.header_timeout,
             send_timeout=self.send_timeout,
             on_client_timeout=self.on_client_timeout,
+            answer_early=self.answer_early,
             **self._kwargs,
         )
+
+    def request_for(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: web_protocol.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        """aiohttp's request for a message, unless the protocol made it already (a request
+        decided as its head arrived and handed over: handler.handed_over)."""
+        if isinstance(protocol, _ProtocolHandler) and (
+            request := protocol.early_request(message, writer)
+        ):
+            return request
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
 
 
 def server_kwargs(

@@ -105,16 +105,9 @@ def whole_answer(
 
 def deny_response(ctx: RequestContext, decision: Decision) -> web.StreamResponse:
     """The contract's JSON error body, with the decision's headers."""
+    if (layout := laid_out(ctx, decision)) is not None:
+        return WholeAnswer(decision.status, layout.raw(ctx.request_id), keep_alive=True)
     request = ctx.request
-    if (
-        request.keep_alive
-        and decision.status not in _CLOSE_AFTER
-        and not (ctx.response_fields or ctx.response_headers)
-        and request.version == HttpVersion11
-        and request.method != "HEAD"
-        and (layout := _layout(decision)) is not None
-    ):
-        return layout.answer(ctx.request_id)  # floods come this way
     request_id = ctx.request_id
     body = _body(decision, request_id)
     status = decision.status
@@ -150,13 +143,14 @@ class _Layout:
     body_head: bytes  # the JSON body up to the request id...
     body_tail: bytes  # ...and after it
 
-    def answer(self, request_id: str) -> WholeAnswer:
+    def raw(self, request_id: str) -> bytes:
+        """The whole answer, status line to body."""
         # Generated hex, or a trusted proxy's id matching client_ip._REQUEST_ID: ASCII that
         # JSON does not escape (a test holds that pattern to it).
         rid = request_id.encode("ascii")
         length = len(self.body_head) + len(rid) + len(self.body_tail)
         date = rfc822_formatted_time().encode("ascii")
-        raw = b"".join(
+        return b"".join(
             (
                 self.head,
                 date,
@@ -169,7 +163,6 @@ class _Layout:
                 self.body_tail,
             )
         )
-        return WholeAnswer(self.decision.status, raw, keep_alive=True)
 
 
 # id(decision) -> (decision, its layout or None when it has none), for decisions answered
@@ -179,6 +172,22 @@ class _Layout:
 _LAYOUTS: dict[int, tuple[Decision, _Layout | None]] = {}
 _SEEN: dict[int, Decision] = {}
 _MAX_DECISIONS = 4096
+
+
+def laid_out(ctx: RequestContext, decision: Decision) -> _Layout | None:
+    """The denial's layout when it answers this request: a keep-alive HTTP/1.1 request that
+    is not HEAD, no field added by a check, a status after which the connection stays open,
+    and a decision answered before (floods come this way)."""
+    request = ctx.request
+    if (
+        request.keep_alive
+        and decision.status not in _CLOSE_AFTER
+        and not (ctx.response_fields or ctx.response_headers)
+        and request.version == HttpVersion11
+        and request.method != "HEAD"
+    ):
+        return _layout(decision)
+    return None
 
 
 def _layout(decision: Decision) -> _Layout | None:

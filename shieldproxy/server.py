@@ -151,8 +151,10 @@ async def _worker_main(
     state = ProxyState(
         runtime, metrics, store, limiter, registry, AuditLog(store), data_dir, index, workers
     )
+    handler = ProxyHandler(state, loop.time)
     proxy = ProxyServer(
-        ProxyHandler(state, loop.time),
+        handler,
+        answer_early=handler.answer_early,
         **server_kwargs(
             max_line=server.max_request_line_bytes,
             max_field=server.max_header_bytes,
