@@ -44,33 +44,34 @@ class ProxyHandler:
         that plus a task, a response object and a turn of the event loop or two.
         """
         state = self._state
+        runtime = state.runtime
         ctx = RequestContext(request, state.ids.next(), self._clock())
         try:
-            outcome = state.runtime.pipeline.begin(ctx)
+            outcome = runtime.pipeline.begin(ctx)
+            if (
+                isinstance(outcome, Decision)
+                and not outcome.allowed
+                and (ctx.limit_verdict is None or ctx.limit_verdict.lease is None)
+                and (layout := laid_out(ctx, outcome)) is not None
+            ):
+                answer = layout.raw(ctx.request_id)
+                self._record_answer(ctx, outcome.status, outcome, ctx.started)
+                return answer
         except Exception as exc:  # a bug: raised by __call__, to be answered 500 as ever
-            return ctx, _raise(exc)
-        if (
-            isinstance(outcome, Decision)
-            and not outcome.allowed
-            and (ctx.limit_verdict is None or ctx.limit_verdict.lease is None)
-            and (layout := laid_out(ctx, outcome)) is not None
-        ):
-            answer = layout.raw(ctx.request_id)
-            self._record_answer(ctx, outcome.status, outcome, ctx.started)
-            return answer
-        return ctx, outcome
+            return ctx, _raise(exc), runtime
+        return ctx, outcome, runtime
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         state = self._state
-        runtime = state.runtime
         metrics = state.metrics
         handover = handed_over(request)
         if handover is None:
+            runtime = state.runtime
             started = self._clock()
             ctx = RequestContext(request, state.ids.next(), started)
             outcome = None
         else:
-            ctx, outcome = handover
+            ctx, outcome, runtime = handover
             started = ctx.started
         metrics.in_flight += 1
         try:
@@ -81,10 +82,9 @@ class ProxyHandler:
                 response = await self._forward(ctx, runtime)
             else:
                 response = deny_response(ctx, decision)
-                if response.keep_alive:
-                    # Denied once, likely again (a flood): the connection's next requests
-                    # are decided as their heads arrive (answer_early).
-                    expect_denials(request)
+                # Denied once, likely again (a flood): the connection's next requests are
+                # decided as their heads arrive (answer_early).
+                expect_denials(request)
             self._record_answer(ctx, response.status, ctx.decision or decision, started)
             return response
         except asyncio.CancelledError:

@@ -42,11 +42,15 @@ if TYPE_CHECKING:
     from shieldproxy.context import RequestContext
     from shieldproxy.decision import Decision
     from shieldproxy.pipeline import PendingRun
+    from shieldproxy.state import Runtime
 
 log = logging.getLogger("shieldproxy.http")
-# A request decided (or being decided) as its head arrived, for the handler: its context and
-# the pipeline's outcome (a tuple: one is made for every request not answered early).
-Handover = tuple["RequestContext", "Decision | PendingRun | Coroutine[Any, Any, Decision]"]
+# A request decided (or being decided) as its head arrived, for the handler: its context, the
+# pipeline's outcome, and the runtime that decided it, which forwards it too (a reload may
+# come in between). A tuple: one is made for every request offered and not answered early.
+Handover = tuple[
+    "RequestContext", "Decision | PendingRun | Coroutine[Any, Any, Decision]", "Runtime"
+]
 # handler.ProxyHandler.answer_early: the answer's bytes, or the request's handover.
 AnswerEarly = Callable[[web.BaseRequest], "bytes | Handover"]
 
@@ -120,6 +124,7 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         # has taken no request since: the next is likely denied as well (a flood), and is
         # offered to answer_early as its head arrives (expect_denials).
         self.expecting_denials = False
+        self._denying = False  # the handler answers the current request with a denial
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timeout = send_timeout
@@ -178,23 +183,44 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         self._waiter = None
         try:
             super().data_received(data)
+            answered = self._answer_queued()
         finally:
             self._waiter = waiter
-        answered = self._answer_queued()
-        if self._messages and waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None and not waiter.done():
+            if self._closing():
+                waiter.cancel()  # as close() would have, had start()'s waiter been in place
+            elif self._messages:
+                waiter.set_result(None)
         self._time_head(answered > 0)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        answered = await super().finish_response(request, resp, start_time)
+        if self._denying:
+            # The denial is written by now (flushed, if writing had paused): a request that
+            # arrives before start() resumes may be answered after it, never before.
+            self._denying = False
+            response, reset = answered
+            self.expecting_denials = bool(response.keep_alive) and not reset
+        return answered
+
+    def _closing(self) -> bool:
+        return self._close or self._force_close
 
     def _answer_queued(self) -> int:
         """Answer queued requests without a body, in order, for as long as answer_early
         answers them at once; the first it does not is left at the front of the queue for
-        start(), with its handover. Returns how many were answered."""
+        start(), with its handover. Returns how many were answered.
+
+        Called with start()'s waiter put aside: reading resumed here (aiohttp pauses it at
+        32 queued requests) queues more for this loop, not for start()."""
         answer_early = self._answer_early
         assert answer_early is not None
         messages = self._messages
         loop = self._loop
         answered = 0
-        self._answering = True  # what resuming reading parses goes to start()
+        self._answering = True  # what resuming reading parses is queued, not offered
         try:
             while messages and not self._paused:
                 message, payload = messages[0]
@@ -225,19 +251,21 @@ class _ProtocolHandler(web_protocol.RequestHandler):
                     self._parser.message_consumed()
                 transport.write(answer)
                 answered += 1
-            if answered:
-                # What start() does after each keep-alive answer.
-                if self._manager is not None:
-                    self._manager.requests_count += answered
-                self._keepalive = True
-                close_time = loop.time() + self._keepalive_timeout
-                self._next_keepalive_close_time = close_time
-                if self._keepalive_handle is None:
-                    self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
-                if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
-                    self._resume_reading_if_drained()
+                if not messages and self._buffer_paused:
+                    self._resume_reading_if_drained()  # parses what waits: more to answer
         finally:
             self._answering = False
+        if answered:
+            # What start() does after each keep-alive answer.
+            if self._manager is not None:
+                self._manager.requests_count += answered
+            self._keepalive = True
+            close_time = loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                self._resume_reading_if_drained()  # a handover or a body at the front
         return answered
 
     def early_request(
@@ -246,7 +274,7 @@ class _ProtocolHandler(web_protocol.RequestHandler):
         """The request made for `message` as it arrived, if it was handed over, now with
         start()'s writer. start() asks as it takes the message: a request is being handled
         from now on."""
-        self.expecting_denials = False
+        self.expecting_denials = self._denying = False
         handover = self.handover
         if handover is None or self._handover_message is not message:
             return None
@@ -341,14 +369,12 @@ def handed_over(request: web.BaseRequest) -> Handover | None:
 
 
 def expect_denials(request: web.BaseRequest) -> None:
-    """The handler answers `request` with a denial that keeps the connection open.
-
-    Called before the answer is written, which then happens without yielding to the loop
-    unless writing is paused, when requests wait for start() anyway: a request arriving
-    before start() resumes is answered early only after this answer."""
+    """The handler answers `request` with a denial: once that answer is written and if it
+    keeps the connection open, the connection's next requests are offered to answer_early
+    (see _ProtocolHandler.finish_response)."""
     protocol = request.protocol
     if isinstance(protocol, _ProtocolHandler):
-        protocol.expecting_denials = True
+        protocol._denying = True
 
 
 class ProxyServer(web.Server):

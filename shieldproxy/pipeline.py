@@ -47,6 +47,8 @@ class Pipeline:
 
     def __init__(self, checks: Sequence[Check]) -> None:
         self.checks = tuple(checks)
+        # A PendingRun resumes after its check by finding it here: each appears once.
+        assert len({id(check) for check in self.checks}) == len(self.checks), "a check twice"
 
     async def run(self, ctx: RequestContext) -> Decision:
         decision = self.begin(ctx)
@@ -121,7 +123,8 @@ class PendingRun:
         return self._pipeline.finish(self._ctx, self._waiting, self._pending).__await__()
 
     def close(self) -> None:
-        """Never to be awaited: the check's coroutine is closed (its future cancelled)."""
+        """Never to be awaited: the check's coroutine is closed (its future cancelled; any
+        other awaitable has nothing running to stop)."""
         pending = self._pending
         if isinstance(pending, Coroutine):
             pending.close()

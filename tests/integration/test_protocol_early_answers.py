@@ -127,3 +127,58 @@ def test_a_connection_answered_early_is_still_closed_when_idle(proxy: Proxy) -> 
         started = time.monotonic() - 0.8
         assert sock.recv(1) == b"", "the proxy closes an idle keep-alive connection"
         assert 1.5 < time.monotonic() - started < 6.0  # keepalive_timeout_seconds = 2
+
+
+@pytest.mark.parametrize(
+    ("second", "expected_status"),
+    [
+        pytest.param(b"HEAD /locked/h HTTP/1.1\r\nHost: x\r\n\r\n", 401, id="head"),
+        pytest.param(b"GET /locked/old HTTP/1.0\r\nHost: x\r\n\r\n", 401, id="http-1.0"),
+        pytest.param(
+            b"POST /locked/p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            401,
+            id="body",
+        ),
+        pytest.param(
+            b"GET /open/up HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            None,
+            id="upgrade",
+        ),
+    ],
+)
+def test_after_a_denial_other_requests_are_answered_as_ever(
+    proxy: Proxy, second: bytes, expected_status: int | None
+) -> None:
+    """HEAD, HTTP/1.0, a body or an upgrade, arriving while the connection expects denials:
+    the same bytes as on a fresh connection (ids and dates aside), and the connection kept
+    or closed alike."""
+
+    def exchange(warm: bool) -> tuple[bytes, bool]:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            if warm:
+                sock.sendall(request("/locked/first"))
+                assert read_one(sock).status == 401
+            sock.sendall(second)
+            sock.settimeout(1)  # answered by then, and closed if it is to be: idle closes take 2 s
+            data = b""
+            closed = False
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        closed = True
+                        break
+                    data += chunk
+            except TimeoutError:
+                pass
+            return data, closed
+
+    fresh, fresh_closed = exchange(warm=False)
+    after, after_closed = exchange(warm=True)
+    normalise = re.compile(rb"(X-Request-Id: |\"request_id\":\"|Date: )[^\r\n\"]+")
+    assert normalise.sub(rb"\1-", after) == normalise.sub(rb"\1-", fresh)
+    assert after_closed == fresh_closed
+    if expected_status is not None:
+        (answer,) = parse_responses(after, head_request=second.startswith(b"HEAD"))
+        assert answer.status == expected_status

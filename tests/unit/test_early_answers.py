@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from shieldproxy.context import RequestContext
-from shieldproxy.decision import ALLOW
+from shieldproxy.decision import ALLOW, Decision
 from shieldproxy.http_server import (
     Handover,
     ProxyServer,
@@ -41,6 +43,17 @@ class Server:
     early: list[str] = field(default_factory=list)  # paths answered by answer_early
     handled: list[tuple[str, bool]] = field(default_factory=list)  # (path, handed over)
     transports: list[asyncio.Transport] = field(default_factory=list)
+    protocols: list[Any] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)  # pending outcomes that ran
+    made: list[Coroutine[Any, Any, Decision]] = field(default_factory=list)
+
+    def pending(self) -> Coroutine[Any, Any, Decision]:
+        async def wait() -> Decision:
+            self.ran.append("pending")
+            return ALLOW
+
+        self.made.append(wait())
+        return self.made[-1]
 
 
 @pytest.fixture
@@ -53,25 +66,28 @@ async def server() -> AsyncIterator[Server]:
     def note_transport(request: web.BaseRequest) -> None:
         if request.transport is not None and not holder[0].transports:
             holder[0].transports.append(request.transport)  # type: ignore[arg-type]
-            sock = request.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel holds little
 
     def answer_early(request: web.BaseRequest) -> bytes | Handover:
         note_transport(request)
         if request.path.startswith("/deny/"):
             holder[0].early.append(request.path)
             return denial(request.path)
-        return RequestContext(request, "rid", 0.0), ALLOW
+        if request.path == "/pending":  # a check still waiting for the store
+            return RequestContext(request, "rid", 0.0), holder[0].pending(), None  # type: ignore[return-value]
+        return RequestContext(request, "rid", 0.0), ALLOW, None  # type: ignore[return-value]
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         note_transport(request)
+        holder[0].protocols.append(request.protocol)
         handover = handed_over(request)
         holder[0].handled.append((request.path, handover is not None))
         if handover is not None:
             assert handover[0].request is request
             assert handed_over(request) is None, "a handover is taken once"
-        if request.path.startswith("/deny/"):
+        if request.path.startswith(("/deny/", "/slow/")):
             expect_denials(request)
+            if request.path.startswith("/slow/"):
+                await asyncio.sleep(0.3)  # the denial is marked, not yet written
             body = request.path.encode() + DENIAL_BODY
             return web.Response(status=429, body=body)
         return web.Response(text=f"ok {request.path}")
@@ -185,8 +201,9 @@ async def test_early_answers_stop_while_the_client_does_not_read(server: Server)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
         await asyncio.to_thread(sock.sendall, get("/deny/warm"))
-        await asyncio.sleep(0.5)  # answered; the server's socket is made small on its answer
+        await asyncio.sleep(0.5)  # answered
         transport = server.transports[0]
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         transport.set_write_buffer_limits(high=8192, low=0)
         before = len(server.early)
         for burst in range(bursts):
@@ -198,5 +215,61 @@ async def test_early_answers_stop_while_the_client_does_not_read(server: Server)
         assert answered <= 2 * size, f"{answered} answered early to a client that reads none"
         buffered = transport.get_write_buffer_size()
         assert buffered < 32 * 1024, f"{buffered} bytes buffered for a client that reads none"
+    finally:
+        sock.close()
+
+
+async def test_more_requests_than_aiohttp_queues_at_once_are_all_answered_early(
+    server: Server,
+) -> None:
+    count = 200  # aiohttp parses 32 at a time, and reads no more until they are taken
+    data = b"".join(get(f"/deny/{i}") for i in range(count)) + get("/ok/end", close=True)
+    answers = bodies(await exchange(server.port, data, warm=True))
+    expected = [(429, f"/deny/{i}".encode() + DENIAL_BODY) for i in range(count)]
+    assert answers == [*expected, (200, b"ok /ok/end")]
+    assert server.early == [f"/deny/{i}" for i in range(count)]
+
+
+async def test_a_denial_not_yet_written_is_never_overtaken(server: Server) -> None:
+    """The handler marks its denial, then yields before it is written: a request arriving
+    meanwhile waits for start(), and is answered after it."""
+
+    def run() -> list[tuple[int, bytes]]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(get("/deny/warm"))
+            read_one(sock)
+            sock.sendall(get("/slow/1"))
+            time.sleep(0.1)  # the handler sleeps with its denial marked
+            sock.sendall(get("/deny/next") + get("/ok/end", close=True))
+            return bodies(read_until_close(sock, 10))
+
+    answers = await asyncio.to_thread(run)
+    assert [body[:10] for _, body in answers] == [
+        b"/slow/1" + b"d" * 3,
+        b"/deny/next",
+        b"ok /ok/end",
+    ]
+
+
+async def test_a_handover_its_connection_outlived_is_closed_not_left_unawaited(
+    server: Server,
+) -> None:
+    def warm() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(get("/deny/warm"))
+        read_one(sock)
+        return sock
+
+    sock = await asyncio.to_thread(warm)
+    try:
+        protocol = server.protocols[-1]
+        await asyncio.sleep(0.1)  # start() waits for the next request
+        protocol.data_received(get("/pending"))  # decided at once: a check still waits
+        assert protocol.handover is not None and len(server.made) == 1
+        protocol.connection_lost(None)  # before start() could take it
+        assert protocol.handover is None
+        assert server.made[0].cr_frame is None, "closed"
+        await asyncio.sleep(0.1)
+        assert server.ran == [] and [p for p, _ in server.handled] == ["/deny/warm"]
     finally:
         sock.close()
