@@ -202,7 +202,8 @@ class _ProtocolHandler(web_protocol.RequestHandler):
             # arrives before start() resumes may be answered after it, never before.
             self._denying = False
             response, reset = answered
-            self.expecting_denials = bool(response.keep_alive) and not reset
+            # Not with requests queued behind it: those are start()'s, in order.
+            self.expecting_denials = bool(response.keep_alive) and not reset and not self._messages
         return answered
 
     def _closing(self) -> bool:

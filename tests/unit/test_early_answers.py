@@ -44,6 +44,7 @@ class Server:
     handled: list[tuple[str, bool]] = field(default_factory=list)  # (path, handed over)
     transports: list[asyncio.Transport] = field(default_factory=list)
     protocols: list[Any] = field(default_factory=list)
+    high_water: int | None = None  # the first connection's write buffer limit, if set
     ran: list[str] = field(default_factory=list)  # pending outcomes that ran
     made: list[Coroutine[Any, Any, Decision]] = field(default_factory=list)
 
@@ -66,6 +67,8 @@ async def server() -> AsyncIterator[Server]:
     def note_transport(request: web.BaseRequest) -> None:
         if request.transport is not None and not holder[0].transports:
             holder[0].transports.append(request.transport)  # type: ignore[arg-type]
+            if holder[0].high_water is not None:
+                request.transport.set_write_buffer_limits(high=holder[0].high_water)  # type: ignore[attr-defined]
 
     def answer_early(request: web.BaseRequest) -> bytes | Handover:
         note_transport(request)
@@ -223,6 +226,9 @@ async def test_more_requests_than_aiohttp_queues_at_once_are_all_answered_early(
     server: Server,
 ) -> None:
     count = 200  # aiohttp parses 32 at a time, and reads no more until they are taken
+    # All 200 answers fit the write buffer: were writing to pause (small kernel buffers),
+    # the rest would rightly wait for start() and not be answered early.
+    server.high_water = 8 * 1024 * 1024
     data = b"".join(get(f"/deny/{i}") for i in range(count)) + get("/ok/end", close=True)
     answers = bodies(await exchange(server.port, data, warm=True))
     expected = [(429, f"/deny/{i}".encode() + DENIAL_BODY) for i in range(count)]
