@@ -43,8 +43,6 @@ class RequestContext:
         "tenant_id",
         "upstream_charge",
         "upstream_error",
-        "upstream_headers",
-        "upstream_lines",
     )
 
     def __init__(self, request: BaseRequest, request_id: str, started: float) -> None:
@@ -73,10 +71,6 @@ class RequestContext:
         # one-write answer sends them as they are
         self.response_fields = ""
         self.response_field_count = 0
-        # checks.api_key: the caller's identity for the upstream (shared by the key's requests),
-        # as fields and as the header lines the upstream request head carries
-        self.upstream_headers: tuple[tuple[str, str], ...] = ()
-        self.upstream_lines = b""
         self.upstream_charge = 0  # forwarder: units the upstream reported (charge_header)
         self.sent_status = 0  # forwarder: status of a streamed answer once its head is sent
         self.upstream_error: ShieldError | None = None  # forwarder: fault after headers were sent

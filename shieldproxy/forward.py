@@ -236,7 +236,8 @@ class Forwarder:
                 parts.append(b"Content-Length: %d\r\n" % length)
             else:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
-        parts.append(ctx.upstream_lines)
+        if (key := ctx.key) is not None:
+            parts.append(key.identity_lines)  # the caller's identity, in place of its key
         parts.append(b"\r\n")
         return b"".join(parts)
 

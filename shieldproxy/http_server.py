@@ -193,17 +193,24 @@ class _ProtocolHandler(web_protocol.RequestHandler):
                 waiter.set_result(None)
         self._time_head(answered > 0)
 
-    async def finish_response(
+    def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # aiohttp's own coroutine for every answer but a denial: no wrapper on the allow path.
+        if self._denying:
+            return self._finish_denial(request, resp, start_time)
+        return super().finish_response(request, resp, start_time)
+
+    async def _finish_denial(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         answered = await super().finish_response(request, resp, start_time)
-        if self._denying:
-            # The denial is written by now (flushed, if writing had paused): a request that
-            # arrives before start() resumes may be answered after it, never before.
-            self._denying = False
-            response, reset = answered
-            # Not with requests queued behind it: those are start()'s, in order.
-            self.expecting_denials = bool(response.keep_alive) and not reset and not self._messages
+        # The denial is written by now (flushed, if writing had paused): a request that
+        # arrives before start() resumes may be answered after it, never before.
+        self._denying = False
+        response, reset = answered
+        # Not with requests queued behind it: those are start()'s, in order.
+        self.expecting_denials = bool(response.keep_alive) and not reset and not self._messages
         return answered
 
     def _closing(self) -> bool:

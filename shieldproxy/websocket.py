@@ -57,7 +57,8 @@ async def relay_websocket(ctx: RequestContext, runtime: Runtime) -> web.StreamRe
         if name.lower() not in _WS_OWN
     ]
     headers += forwarding_headers(ctx)
-    headers += ctx.upstream_headers
+    if ctx.key is not None:
+        headers += ctx.key.identity_headers  # the caller's identity, in place of its key
     protocols = [
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", ())

@@ -108,8 +108,6 @@ class ApiKeyCheck:
         ctx.key_id = view.id
         ctx.tenant_id = view.tenant_id
         ctx.extra_limits = self._limits_of(view, now)
-        ctx.upstream_headers = view.identity_headers
-        ctx.upstream_lines = view.identity_lines
         self._registry.touch(view.id)
         return ALLOW
 

@@ -56,8 +56,8 @@ async def test_a_known_caller_is_answered_without_waiting(
     assert await decide(check, first) == (ALLOW, True)  # looked up in the store
     assert await decide(check, ctx) == (ALLOW, False)  # from the cache, synchronously
     assert ctx.key is not None and ctx.key_id == ctx.key.id
-    assert ctx.upstream_lines == b"".join(
-        f"{name}: {value}\r\n".encode() for name, value in ctx.upstream_headers
+    assert ctx.key.identity_lines == b"".join(
+        f"{name}: {value}\r\n".encode() for name, value in ctx.key.identity_headers
     )
 
 
