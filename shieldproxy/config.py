@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from shieldproxy.keys.secret import MIN_KEY_SECRET_BYTES
 from shieldproxy.limits.model import LimitRule
 from shieldproxy.store.urls import SCHEMES, parse_redis_url
 
@@ -196,7 +197,9 @@ class AuthConfig(Section):
 
     required: bool = Field(True, description="a route may set auth = false")
     key_env: str = Field("live", pattern=r"^[a-z0-9]{1,8}$", description="the <env> in sp_<env>_")
-    key_secret: SecretStr = Field(SecretStr(""), description="HMAC secret for key hashes")
+    key_secret: SecretStr = Field(
+        SecretStr(""), description="HMAC secret for key hashes (16+ bytes)"
+    )
     key_secret_file: str = Field("", description="read key_secret from this file")
     query_parameter: str = Field("", description="also accept the key in ?<name>=; empty = off")
     cache_ttl_seconds: Seconds = Field(30.0, description="re-read a cached key after this long")
@@ -208,6 +211,13 @@ class AuthConfig(Section):
         ge=0,
         description="lookups of keys that do not exist, per client network; then 429; 0 = off",
     )
+
+    @field_validator("key_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if 0 < len(value.get_secret_value()) < MIN_KEY_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_KEY_SECRET_BYTES} bytes, or empty")
+        return value
 
 
 class PlanConfig(Section):

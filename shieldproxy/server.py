@@ -112,7 +112,12 @@ async def _worker_main(
     loop = asyncio.get_running_loop()
     server = config.server
     data_dir = Path(server.data_dir)
-    token = resolve_admin_token(config.admin.token.get_secret_value(), data_dir)
+    try:
+        token = resolve_admin_token(config.admin.token.get_secret_value(), data_dir)
+        key_secret = _key_secret(config, data_dir)
+    except (OSError, ValueError) as exc:
+        log.error("data dir: %s", exc)
+        return EXIT_FATAL
     metrics = ProxyMetrics()
     files = SnapshotFiles(data_dir / "run", index) if workers > 1 else None
     if files is not None and (previous := files.read_own()) is not None:
@@ -145,7 +150,7 @@ async def _worker_main(
     limiter = RateLimiter(store, settings=settings)
     await limiter.start()
     metrics.watch_limiter(limiter)
-    registry = KeyRegistry(store, KeyHasher(_key_secret(config, data_dir).encode()), config)
+    registry = KeyRegistry(store, KeyHasher(key_secret.encode()), config)
     await registry.start()
     runtime = Runtime(config, loop, limiter, registry)
     state = ProxyState(

@@ -24,24 +24,49 @@ def resolve_admin_token(configured: str, data_dir: Path) -> str:
 
 
 def load_or_create_secret(path: Path, prefix: str, what: str) -> str:
-    """Read a generated secret, or create it (mode 0600) if no one has yet."""
-    try:
-        token = path.read_text().strip()
-        if token:
-            return token
-    except FileNotFoundError:
-        pass
+    """Read a generated secret, or create it (mode 0600) if no one has yet.
+
+    Workers start together and race here. The secret is written whole to a private temporary
+    file, then published by a hard link, which fails if the name exists: a reader finds
+    either no file or a complete one, never the empty file that an exclusive create shows
+    between its open and its write (a worker once read that and started with no secret).
+    """
+    existing = _read_secret(path)
+    if existing is not None:
+        return existing
     path.parent.mkdir(parents=True, exist_ok=True)
     token = prefix + secrets.token_urlsafe(32)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        # Another worker created it between our read and our create: use theirs.
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            # Another worker published first: use theirs.
+            theirs = _read_secret(path)
+            if theirs is None:
+                raise ValueError(f"{path} vanished while it was being created") from None
+            return theirs
+    finally:
+        draft.unlink(missing_ok=True)
     log.warning("generated %s in %s (mode 0600)", what, path.resolve())
     return token
+
+
+def _read_secret(path: Path) -> str | None:
+    """The secret in `path`, or None if there is no file. An empty file is refused rather
+    than replaced: it may be a damaged copy of a secret that live keys depend on."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not text:
+        raise ValueError(f"{path} is empty: restore it, or delete it to generate a new one")
+    return text
 
 
 class TokenGuard:

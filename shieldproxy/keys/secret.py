@@ -20,6 +20,7 @@ RANDOM_CHARS = 27  # 62**27 > 2**160
 CHECKSUM_CHARS = 6  # 62**6 > 2**32
 _KEY = re.compile(rf"sp_([a-z0-9]{{1,8}})_([0-9A-Za-z]{{{RANDOM_CHARS + CHECKSUM_CHARS}}})")
 DISPLAY_PREFIX_CHARS = 12
+MIN_KEY_SECRET_BYTES = 16
 
 
 def _base62(number: int, width: int) -> str:
@@ -53,8 +54,8 @@ class KeyHasher:
     __slots__ = ("_secret",)
 
     def __init__(self, secret: bytes) -> None:
-        if len(secret) < 16:
-            raise ValueError("the key hashing secret must be at least 16 bytes")
+        if len(secret) < MIN_KEY_SECRET_BYTES:
+            raise ValueError(f"a key hashing secret needs {MIN_KEY_SECRET_BYTES} bytes or more")
         self._secret = secret
 
     def hash(self, key: str) -> str:

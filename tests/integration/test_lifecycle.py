@@ -160,6 +160,11 @@ def test_two_workers_restart_a_killed_worker_and_sum_metrics(
     for _ in range(40):
         assert get(proxy.port, "/x").status == 200
     time.sleep(1.5)  # workers snapshot their counters every second; a SIGKILL loses the rest
+    # Both workers started once and still run (a worker that read a half-written generated
+    # secret used to die at start and be restarted, unnoticed until this kill missed it).
+    assert _worker_pids(proxy.process.pid) == workers and "restarting" not in proxy.log(), (
+        proxy.log()
+    )
     os.kill(workers[0], signal.SIGKILL)
 
     def replaced() -> bool:
