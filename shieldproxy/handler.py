@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision, deny
@@ -129,7 +129,7 @@ class ProxyHandler:
 
     async def _forward(self, ctx: RequestContext, runtime: Runtime) -> web.StreamResponse:
         request = ctx.request
-        expect = request.headers.get("Expect")
+        expect = request.headers.get(hdrs.EXPECT)
         if expect is not None:
             if expect.lower() != "100-continue":
                 return self._fault(ctx, deny(417, "expectation_failed", "unsupported Expect"))

@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 from yarl import URL
 
 from shieldproxy.context import RequestContext
@@ -33,11 +33,11 @@ _WS_OWN = frozenset(
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
-    upgrade = request.headers.get("Upgrade")
+    upgrade = request.headers.get(hdrs.UPGRADE)
     return (
         upgrade is not None
         and upgrade.lower() == "websocket"
-        and "upgrade" in request.headers.get("Connection", "").lower()
+        and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
         and request.method == "GET"
     )
 
@@ -61,7 +61,7 @@ async def relay_websocket(ctx: RequestContext, runtime: Runtime) -> web.StreamRe
         headers += ctx.key.identity_headers  # the caller's identity, in place of its key
     protocols = [
         p.strip()
-        for value in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
         for p in value.split(",")
         if p.strip()
     ]

@@ -7,6 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, unquote_plus
 
+from aiohttp import hdrs
+from multidict import istr
+
 from shieldproxy.checks.client_ip import ip_prefixer
 from shieldproxy.config import Config
 from shieldproxy.context import RequestContext
@@ -17,6 +20,9 @@ from shieldproxy.keys.registry import KeyRegistry
 from shieldproxy.keys.secret import well_formed
 from shieldproxy.limits.model import LimitRule
 from shieldproxy.store.base import StoreError
+
+# Header names as multidict.istr: looked up without case-folding them per request.
+_X_API_KEY = istr("X-API-Key")
 
 MISSING = deny(401, "missing_key", "an API key is required (Authorization: Bearer <key>)")
 INVALID = deny(401, "invalid_key", "the API key is not valid")
@@ -52,24 +58,38 @@ class ApiKeyCheck:
         ] = {}
 
     def decide(self, ctx: RequestContext) -> Decision | Awaitable[Decision]:
-        route = ctx.route
-        required = self._required
-        if route is not None and route.config.auth is not None:
-            required = route.config.auth
-        secret, source = self._extract(ctx)
+        headers = ctx.request.headers
+        if _X_API_KEY not in headers and not (self._query_parameter and ctx.query):
+            # The common case, one place to look at most: nothing to reconcile.
+            authorization = headers.get(hdrs.AUTHORIZATION)
+            secret = bearer_token(authorization) if authorization is not None else None
+            source = "authorization"
+        else:
+            secret, source = self._extract(ctx)
         if secret is None:
-            return MISSING if required else ALLOW
+            return MISSING if self._required_on(ctx) else ALLOW
         ctx.key_source = source  # whatever happens next, the key is not forwarded
         if source == "conflict":
             return TWO_KEYS
         view = self._registry.cached_view(secret)  # a known caller: no checksum, no HMAC
         if view is None:
-            return self._authenticate(ctx, secret, required)
-        return _unless_optional(self._admit(ctx, view), required)
+            return self._authenticate(ctx, secret)
+        decision = self._admit(ctx, view)
+        return decision if decision is ALLOW else self._unless_optional(ctx, decision)
 
-    async def _authenticate(self, ctx: RequestContext, secret: str, required: bool) -> Decision:
+    def _required_on(self, ctx: RequestContext) -> bool:
+        route = ctx.route
+        if route is not None and route.config.auth is not None:
+            return route.config.auth
+        return self._required
+
+    def _unless_optional(self, ctx: RequestContext, decision: Decision) -> Decision:
+        # An optional key that does not check out: anonymous, not an error.
+        return decision if decision is ALLOW or self._required_on(ctx) else ALLOW
+
+    async def _authenticate(self, ctx: RequestContext, secret: str) -> Decision:
         """A secret the cache does not vouch for: checked, looked up, then admitted."""
-        return _unless_optional(await self._look_up(ctx, secret), required)
+        return self._unless_optional(ctx, await self._look_up(ctx, secret))
 
     async def _look_up(self, ctx: RequestContext, secret: str) -> Decision:
         if not well_formed(secret):
@@ -98,24 +118,24 @@ class ApiKeyCheck:
         """The key's status and dates, then its identity on the context. Synchronous: a
         cached caller, the common case, costs no coroutine."""
         now = self._wall()
-        if view.revoked:
-            return REVOKED
-        if view.expires_at is not None and now >= view.expires_at:
-            return EXPIRED
-        if view.secret_valid_until is not None and now >= view.secret_valid_until:
+        if now >= view.usable_until:  # revoked, expired or rotated out: which one?
+            if view.revoked:
+                return REVOKED
+            if view.expires_at is not None and now >= view.expires_at:
+                return EXPIRED
             return INVALID  # a rotated-out secret past its grace period
         ctx.key = view
         ctx.key_id = view.id
         ctx.tenant_id = view.tenant_id
-        ctx.extra_limits = self._limits_of(view, now)
-        self._registry.touch(view.id)
+        ctx.extra_limits = (
+            self._limits_of(view, now) if view.quota or view.plan_quota else view.limits
+        )
+        self._registry.touch(view.id, now)
         return ALLOW
 
     def _limits_of(self, view: KeyView, now: float) -> tuple[tuple[LimitRule, str | None], ...]:
-        """The key's limits plus this period's quotas, built once per view and period: the
-        billing period is calendar arithmetic, too slow to redo on every request."""
-        if not view.quota and not view.plan_quota:
-            return view.limits
+        """The key's limits plus this period's quotas (it has some), built once per view and
+        period: the billing period is calendar arithmetic, too slow to redo on every request."""
         cached = self._quota_cache.get(view.id)
         if cached is not None and cached[0] is view and now < cached[1]:
             return cached[2]
@@ -127,22 +147,14 @@ class ApiKeyCheck:
         return limits
 
     def _extract(self, ctx: RequestContext) -> tuple[str | None, str]:
+        """The key wherever it may be (X-API-Key or the query parameter as well), and where
+        it came from; ("", "conflict") for two different keys."""
         headers = ctx.request.headers
         found: list[tuple[str, str]] = []
-        bearer: str | None = None
-        authorization = headers.get("Authorization")
-        if authorization is not None:
-            scheme, _, token = authorization.partition(" ")
-            token = token.strip()
-            if scheme.lower() == "bearer" and token.startswith("sp_"):
-                bearer = token
-        api_key = headers.get("X-API-Key")
-        if api_key is None and not (self._query_parameter and ctx.query):
-            # The common case, one place to look: nothing to reconcile.
-            return (bearer, "authorization") if bearer is not None else (None, "")
-        if bearer is not None:
+        authorization = headers.get(hdrs.AUTHORIZATION)
+        if authorization is not None and (bearer := bearer_token(authorization)) is not None:
             found.append((bearer, "authorization"))
-        if api_key is not None:
+        if (api_key := headers.get(_X_API_KEY)) is not None:
             found.append((api_key.strip(), "x-api-key"))
         if self._query_parameter and ctx.query:
             for name, value in parse_qsl(ctx.query, keep_blank_values=True):
@@ -157,9 +169,12 @@ class ApiKeyCheck:
         return found[0][0], "authorization" if len(found) > 1 else found[0][1]
 
 
-def _unless_optional(decision: Decision, required: bool) -> Decision:
-    # An optional key that does not check out: anonymous, not an error.
-    return decision if required or decision is ALLOW else ALLOW
+def bearer_token(authorization: str) -> str | None:
+    """The key an `Authorization: Bearer sp_...` header holds; None for any other credential
+    (another scheme, or a token that is not ours: the upstream's own auth passes through)."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token.startswith("sp_") else None
 
 
 def too_many_unknown_keys(wait: float) -> Decision:

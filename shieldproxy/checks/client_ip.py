@@ -7,10 +7,14 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 
+from aiohttp import hdrs
+from multidict import istr
+
 from shieldproxy.context import RequestContext
 from shieldproxy.decision import ALLOW, Decision
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_X_REQUEST_ID = istr("X-Request-Id")  # an istr: looked up without case-folding it
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -55,13 +59,13 @@ class ClientIpCheck:
             return ALLOW
         ctx.peer_trusted = True
         ctx.client_ip = self._from_forwarded_for(ctx, peer)
-        request_id = ctx.request.headers.get("X-Request-Id")
+        request_id = ctx.request.headers.get(_X_REQUEST_ID)
         if request_id is not None and _REQUEST_ID.fullmatch(request_id):
             ctx.request_id = request_id
         return ALLOW
 
     def _from_forwarded_for(self, ctx: RequestContext, peer: str) -> str:
-        values = ctx.request.headers.getall("X-Forwarded-For", ())
+        values = ctx.request.headers.getall(hdrs.X_FORWARDED_FOR, ())
         hops = [hop for value in values for hop in value.split(",")]
         client = peer
         for hop in reversed(hops):

@@ -24,9 +24,15 @@ class ScopesCheck:
         needed: frozenset[str]
         if route is not None and route.config.scopes:
             needed = frozenset(route.config.scopes)
+            if key.allows(needed):
+                return ALLOW
+        elif ctx.request.method in READ_METHODS:
+            if key.reads:
+                return ALLOW
+            needed = _READ
         else:
-            needed = _READ if ctx.request.method in READ_METHODS else _WRITE
-        if key.allows(needed):
-            return ALLOW
+            if key.writes:
+                return ALLOW
+            needed = _WRITE
         missing = ", ".join(sorted(needed - key.scopes))
         return deny(403, "insufficient_scope", f"the API key lacks the scope: {missing}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shieldproxy.config import PlanConfig
@@ -37,6 +38,21 @@ class KeyView:
     plan_quota: int  # the tenant plan's monthly quota (0 = none)
     plan_overage: str  # "block" | "allow"
     anchor_day: int
+    # Derived (__post_init__), for the test every request makes in one comparison: before
+    # this wall-clock instant the key is usable (-inf: revoked; else the earlier of its
+    # expiry and its secret's end); and what a GET and a POST need, held or not.
+    usable_until: float = field(init=False)
+    reads: bool = field(init=False)
+    writes: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        until = -math.inf if self.revoked else math.inf
+        for end in (self.expires_at, self.secret_valid_until):
+            if end is not None:
+                until = min(until, end)
+        object.__setattr__(self, "usable_until", until)
+        object.__setattr__(self, "reads", self.allows(frozenset({"read"})))
+        object.__setattr__(self, "writes", self.allows(frozenset({"write"})))
 
     def allows(self, needed: frozenset[str]) -> bool:
         """`admin` implies read and write: an admin key can do anything a key can."""

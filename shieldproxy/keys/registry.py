@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -68,6 +69,14 @@ class _Entry:
         self.fresh_until = fresh_until
         self.stale_until = stale_until
 
+    def drop(self) -> None:
+        """Taken out of the cache: whoever still holds it (KeyRegistry._vouched, a load under
+        way) finds it neither fresh nor good to serve during an outage."""
+        self.fresh_until = self.stale_until = -math.inf
+
+
+_NOT_CACHED = _Entry(None, -math.inf, -math.inf)  # vouches for nothing
+
 
 class KeyRegistry:
     def __init__(
@@ -91,9 +100,11 @@ class KeyRegistry:
         self._generation = 0  # bumped by every invalidation
         self._loading: dict[str, asyncio.Future[KeyView | None]] = {}  # loads under way
         self._used: dict[str, float] = {}
-        # Secrets of recently valid keys → their digest, so a repeat caller skips the format
-        # check and the HMAC. In memory only (a request holds the secret anyway), bounded.
-        self._digests: dict[str, str] = {}
+        # Secrets of recently valid keys → the cache entry that vouched for them last, so a
+        # repeat caller costs one lookup: no format check, no HMAC. An entry taken out of the
+        # cache is dropped (_Entry.drop), so nothing stale is read through here. In memory
+        # only (a request holds the secret anyway), bounded.
+        self._vouched: dict[str, _Entry] = {}
         self._flusher: asyncio.Task[None] | None = None
 
     def reconfigure(self, config: Config) -> None:
@@ -101,7 +112,7 @@ class KeyRegistry:
         self._config = config
         self._ttl = config.auth.cache_ttl_seconds
         self._max_stale = config.auth.max_stale_seconds
-        self._cache.clear()
+        self._clear_cache()
         self._generation += 1
         self._loading.clear()  # loads under way build views with the old plans
 
@@ -125,26 +136,23 @@ class KeyRegistry:
 
     def cached_view(self, secret: str) -> KeyView | None:
         """A fresh cached view for a secret seen valid before, with no hashing; else None."""
-        digest = self._digests.get(secret)
-        if digest is None:
+        entry = self._vouched.get(secret)
+        if entry is None or self._clock() >= entry.fresh_until:
             return None
-        entry = self._cache.get(digest)
-        if entry is None or entry.view is None or self._clock() >= entry.fresh_until:
-            return None
-        return entry.view
+        return entry.view  # not None: fresh entries hold a view
 
     def knows(self, secret: str) -> bool:
         """This secret named an existing key when last looked up (its cache entry may be stale)."""
-        return secret in self._digests
+        return secret in self._vouched
 
     async def lookup(self, secret: str) -> KeyView | None:
         """The key a well-formed secret names, or None if no such key exists."""
         digest = self.hasher.hash(secret)
         view = await self._lookup_digest(digest)
         if view is not None:
-            if len(self._digests) >= _MAX_ENTRIES:
-                self._digests.pop(next(iter(self._digests)))
-            self._digests[secret] = digest
+            if len(self._vouched) >= _MAX_ENTRIES:
+                self._vouched.pop(next(iter(self._vouched)))
+            self._vouched[secret] = self._cache.get(digest, _NOT_CACHED)
         return view
 
     async def _lookup_digest(self, digest: str) -> KeyView | None:
@@ -204,13 +212,16 @@ class KeyRegistry:
             self._unknown[digest] = now + min(self._ttl, _NEGATIVE_TTL)
         else:
             if len(self._cache) >= _MAX_ENTRIES:
-                self._cache.pop(next(iter(self._cache)))
+                self._cache.pop(next(iter(self._cache))).drop()
+            if (old := self._cache.get(digest)) is not None:
+                old.drop()
             self._cache[digest] = _Entry(view, now + self._ttl, now + self._max_stale)
         return view
 
-    def touch(self, key_id: str) -> None:
-        """Remember a use; written to the store in batches, never on the request path."""
-        self._used[key_id] = self._wall()
+    def touch(self, key_id: str, now: float) -> None:
+        """Remember a use at wall-clock `now` (the caller has read it already); written to the
+        store in batches, never on the request path."""
+        self._used[key_id] = now
 
     async def _load(self, digest: str) -> KeyView | None:
         ref = await self._store.get_record(KEY_HASHES, digest)
@@ -268,14 +279,20 @@ class KeyRegistry:
         self._loading.clear()  # ...nor answer requests that arrive from now on
         kind, _, value = message.partition(":")
         if kind == "hash":
-            self._cache.pop(value, None)
+            if (entry := self._cache.pop(value, None)) is not None:
+                entry.drop()
             self._unknown.pop(value, None)
         elif kind == "key":
             for digest in [d for d, e in self._cache.items() if e.view and e.view.id == value]:
-                del self._cache[digest]
+                self._cache.pop(digest).drop()
         else:
-            self._cache.clear()
+            self._clear_cache()
             self._unknown.clear()
+
+    def _clear_cache(self) -> None:
+        for entry in self._cache.values():
+            entry.drop()
+        self._cache.clear()
 
     async def _changed(self, message: str) -> None:
         self._on_invalidate(message)

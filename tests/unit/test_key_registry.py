@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from shieldproxy.config import Config
+from shieldproxy.config import Config, PlanConfig
 from shieldproxy.keys.registry import KeyRegistry
 from shieldproxy.keys.secret import KeyHasher
 from shieldproxy.store.base import StoreMisuse, StoreUnavailable
@@ -142,5 +142,65 @@ async def test_a_request_after_a_revoke_does_not_join_a_load_from_before_it(
     release.set()
     first = await before
     assert first is not None and not first.revoked  # it asked before the revoke
+    await registry.close()
+    await store.close()
+
+
+@pytest.mark.parametrize("change", ["revoke", "rotate", "tenant", "reconfigure", "ttl"])
+async def test_a_cached_caller_sees_every_change_at_once(tmp_path: Path, change: str) -> None:
+    """cached_view() answers a repeat caller from the entry that vouched for its secret last:
+    whatever takes that entry out of the cache (an invalidation of the key, its hash or its
+    tenant, a reload, its time running out) must stop it vouching there and then."""
+    now = [0.0]
+    store = HeldStore(tmp_path)
+    config = Config(plans={"basic": PlanConfig()})
+    registry = KeyRegistry(store, KeyHasher(b"0123456789abcdef0123"), config, clock=lambda: now[0])
+    await registry.start()
+    tenant = await registry.create_tenant({"name": "t", "plan": "basic"})
+    doc, secret = await registry.create_key({"name": "k", "tenant_id": tenant["id"]})
+    assert await registry.lookup(secret) is not None
+    assert registry.cached_view(secret) is not None  # vouched for: no HMAC from now on
+    if change == "revoke":
+        await registry.revoke_key(doc["id"])
+    elif change == "rotate":
+        await registry.rotate_key(doc["id"], grace_seconds=0)
+    elif change == "tenant":
+        await registry.update_tenant(tenant["id"], {"name": "t2"})
+    elif change == "reconfigure":
+        registry.reconfigure(config)
+    else:
+        now[0] += config.auth.cache_ttl_seconds
+    assert registry.cached_view(secret) is None
+    assert registry.knows(secret)  # the unknown-key guard still does not count it
+    view = await registry.lookup(secret)  # read again...
+    if change == "rotate":
+        assert view is None  # the old secret, with no grace, names no key any more
+    else:
+        assert view is not None and view.revoked == (change == "revoke")
+        assert registry.cached_view(secret) is view  # ...and vouched for again
+    await registry.close()
+    await store.close()
+
+
+async def test_a_key_revoked_during_an_outage_load_is_not_served_stale(tmp_path: Path) -> None:
+    """A load that finds the store gone may answer with the last view it knew (bounded
+    staleness), but not with one a revoke took out of the cache while it waited."""
+    now = [0.0]
+    store = HeldStore(tmp_path)
+    registry = KeyRegistry(
+        store, KeyHasher(b"0123456789abcdef0123"), Config(), clock=lambda: now[0]
+    )
+    await registry.start()
+    doc, secret = await registry.create_key({"name": "k"})
+    assert await registry.lookup(secret) is not None
+    now[0] += Config().auth.cache_ttl_seconds  # stale, though within max_stale_seconds
+    release = store.hold = asyncio.Event()
+    store.fail = StoreUnavailable("store down")
+    loading = asyncio.create_task(registry.lookup(secret))
+    await store.reached.wait()
+    await registry.revoke_key(doc["id"])  # invalidates the entry the load would fall back on
+    release.set()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(loading, timeout=2)
     await registry.close()
     await store.close()
