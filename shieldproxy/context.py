@@ -33,7 +33,6 @@ class RequestContext:
         "query",
         "request",
         "request_id",
-        "response_field_count",
         "response_fields",
         "response_headers",
         "route",
@@ -66,11 +65,12 @@ class RequestContext:
         self.decision: Decision | None = None  # handler: a fault's answer, when one happened
         self.shadow_denials: list[Decision] | None = None  # pipeline: "would deny" results
         self.response_headers: list[tuple[str, str]] | None = None  # checks: added to response
-        # checks.rate_limit: more of them, already rendered as header lines by a renderer that
-        # writes one field per line (limits.headers.ReserveFields), and how many; the
-        # one-write answer sends them as they are
+        # checks.rate_limit: more of them, already rendered as header lines (one field per
+        # line, each ending in CRLF) by limits.headers.ReserveFields, from parts that are safe
+        # by construction: the one-write answer sends them as they are, unchecked. Anything
+        # else comes as a pair (response_headers), so that it meets the checks that refuse
+        # line ends and control bytes.
         self.response_fields = ""
-        self.response_field_count = 0
         self.upstream_charge = 0  # forwarder: units the upstream reported (charge_header)
         self.sent_status = 0  # forwarder: status of a streamed answer once its head is sent
         self.upstream_error: ShieldError | None = None  # forwarder: fault after headers were sent
@@ -80,13 +80,6 @@ class RequestContext:
             self.response_headers = headers
         else:
             self.response_headers.extend(headers)
-
-    def add_response_fields(self, lines: str, count: int) -> None:
-        """Fields already rendered as `count` header lines, one field per line (see
-        response_fields): a name or value holding a line end must come as a pair instead,
-        so that it reaches the checks that refuse it."""
-        self.response_fields += lines
-        self.response_field_count += count
 
     def added_headers(self) -> list[tuple[str, str]]:
         """Every added field as a (name, value) pair, for the paths that build a header map:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
@@ -116,13 +116,41 @@ def nominated(values: list[str]) -> frozenset[bytes]:
 def client_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     """The client's headers that may reach the upstream (plain requests and WebSockets)."""
     request = ctx.request
-    connection = request.headers.getall("Connection", ())
+    connection = request.headers.getall(hdrs.CONNECTION, ())
     extra = nominated(connection) if connection else _NONE
     if ctx.key_source:
         # The API key never reaches the upstream; the identity headers replace it.
         carriers = _KEY_CARRIERS.get(ctx.key_source, _ALL_KEY_CARRIERS)
         extra = (extra | carriers) if extra else carriers
-    return [pair for pair in request.raw_headers if not _strip_request_header(pair[0], extra)]
+    folded = _FOLDED
+    kept = []
+    for pair in request.raw_headers:
+        lname = folded.get(pair[0])
+        if lname is None:  # not seen lately, or not one to remember
+            if not _strip_request_header(pair[0], extra):
+                kept.append(pair)
+            _remember(pair[0])
+        elif lname and lname not in extra:
+            kept.append(pair)
+    return kept
+
+
+# Field names seen lately → their lower-case form, or b"" for a name stripped whatever the
+# request (_strip_request_header with nothing nominated). Why: clients send the same few
+# names on every request, and deciding each one afresh was most of this function's cost.
+# Names with "_" are never remembered (they must be tested twice against what a request
+# nominates, see _strip_request_header); the map is bounded, as the names are the client's.
+_FOLDED: dict[bytes, bytes] = {}
+_FOLDED_MAX = 1024
+_FOLDED_NAME_MAX = 64
+
+
+def _remember(name: bytes) -> None:
+    if len(name) > _FOLDED_NAME_MAX or b"_" in name:
+        return
+    if len(_FOLDED) >= _FOLDED_MAX:
+        _FOLDED.clear()
+    _FOLDED[name] = b"" if _strip_request_header(name, _NONE) else name.lower()
 
 
 def _strip_request_header(name: bytes, extra: frozenset[bytes]) -> bool:
@@ -148,12 +176,12 @@ def forwarding_headers(ctx: RequestContext) -> list[tuple[str, str]]:
     headers = ctx.request.headers
     if ctx.peer_trusted:
         peer = ctx.peer_ip
-        chain = ", ".join(headers.getall("X-Forwarded-For", ()))
+        chain = ", ".join(headers.getall(hdrs.X_FORWARDED_FOR, ()))
         xff = f"{chain}, {peer}" if chain else peer
-        proto = headers.get("X-Forwarded-Proto", "http")
-        host = headers.get("X-Forwarded-Host") or headers.get("Host") or ""
+        proto = headers.get(hdrs.X_FORWARDED_PROTO, "http")
+        host = headers.get(hdrs.X_FORWARDED_HOST) or headers.get(hdrs.HOST) or ""
     else:
-        xff, proto, host = ctx.client_ip, "http", headers.get("Host", "")
+        xff, proto, host = ctx.client_ip, "http", headers.get(hdrs.HOST, "")
     return [
         ("X-Forwarded-For", xff),
         ("X-Forwarded-Proto", proto),
@@ -225,7 +253,7 @@ class Forwarder:
         for name, value in client_headers(ctx):
             parts += (name, b": ", value, b"\r\n")
         headers = request.headers
-        if self.settings.preserve_host and (host := headers.get("Host")):
+        if self.settings.preserve_host and (host := headers.get(hdrs.HOST)):
             parts.append(f"Host: {host}\r\n".encode("latin-1", "replace"))
         else:
             parts.append(self._host_line)
@@ -349,18 +377,17 @@ class Forwarder:
                 else:  # hop-by-hop, Content-Length, X-Request-Id: not copied
                     continue
             out += (name, b": ", value, b"\r\n")
-        lines = len(out) // 4 + 1 + ctx.response_field_count
-        ours = f"X-Request-Id: {ctx.request_id}\r\n{ctx.response_fields}"
-        if added := ctx.response_headers:
-            ours += "".join([f"{n}: {v}\r\n" for n, v in added])
+        lines = len(out) // 4
+        if added := ctx.response_headers:  # checks' pairs: checked with the upstream's
+            out.append("".join([f"{n}: {v}\r\n" for n, v in added]).encode("latin-1", "replace"))
             lines += len(added)
+        # Ours, safe by construction: the request id (made here, or matched against a strict
+        # pattern), the rate-limit lines ReserveFields renders, Server and Date.
+        made = f"X-Request-Id: {ctx.request_id}\r\n{ctx.response_fields}"
         if not has_server:
-            ours += "Server: shieldproxy\r\n"
-            lines += 1
+            made += "Server: shieldproxy\r\n"
         if not has_date:
-            ours += f"Date: {rfc822_formatted_time()}\r\n"
-            lines += 1
-        out.append(ours.encode("latin-1", "replace"))
+            made += f"Date: {rfc822_formatted_time()}\r\n"
         return whole_answer(
             ctx.request,
             head.status,
@@ -368,6 +395,7 @@ class Forwarder:
             lines,
             conn.take_body(),
             keep_alive=ctx.request.keep_alive,
+            made=made.encode("latin-1", "replace"),
         )
 
     def _response_headers(self, ctx: RequestContext, head: ResponseHead) -> CIMultiDict[str]:

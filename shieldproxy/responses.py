@@ -77,15 +77,25 @@ class WholeAnswer(web.StreamResponse):
 
 
 def whole_answer(
-    request: BaseRequest, status: int, fields: bytes, lines: int, body: bytes, *, keep_alive: bool
+    request: BaseRequest,
+    status: int,
+    fields: bytes,
+    lines: int,
+    body: bytes,
+    *,
+    keep_alive: bool,
+    made: bytes = b"",
 ) -> WholeAnswer | None:
-    """`fields` (`lines` field lines, each ending in CRLF; no Content-Length or Connection)
-    and `body` as one WholeAnswer, or None when only aiohttp's Response may send them.
+    """`fields` (`lines` field lines, each ending in CRLF; no Content-Length or Connection),
+    then `made`, and `body` as one WholeAnswer, or None when only aiohttp's Response may send
+    them.
 
-    None for a status without a standard reason phrase, and for fields holding any CR or LF
-    besides the line ends, or another control byte but tab: that came from a name or a value
-    (header injection, or bytes a client may read as a line end), and aiohttp's Response
-    refuses it.
+    None for a status without a standard reason phrase, and for `fields` holding any CR or
+    LF besides the line ends, or another control byte but tab: that came from a name or a
+    value (header injection, or bytes a client may read as a line end), and aiohttp's
+    Response refuses it. `made` is not looked at: lines this proxy made from parts that are
+    safe by construction (its request id, the rendered rate-limit lines, Server, Date), which
+    every answer of a limited route carries, and checking them cost as much as the rest.
     """
     line = _STATUS_LINES.get(status)
     if line is None or fields.translate(None, _FIELD_BYTES) != _CRLF * lines:
@@ -93,13 +103,13 @@ def whole_answer(
     if request.version < (1, 1):
         line = b"HTTP/1.0" + line[8:]
         if keep_alive:
-            fields += b"Connection: keep-alive\r\n"
+            made += b"Connection: keep-alive\r\n"
     elif not keep_alive:
-        fields += b"Connection: close\r\n"
+        made += b"Connection: close\r\n"
     if request.method == "HEAD":
-        raw = b"%b%bContent-Length: %d\r\n\r\n" % (line, fields, len(body))
+        raw = b"%b%b%bContent-Length: %d\r\n\r\n" % (line, fields, made, len(body))
     else:
-        raw = b"%b%bContent-Length: %d\r\n\r\n%b" % (line, fields, len(body), body)
+        raw = b"%b%b%bContent-Length: %d\r\n\r\n%b" % (line, fields, made, len(body), body)
     return WholeAnswer(status, raw, keep_alive=keep_alive)
 
 

@@ -77,30 +77,39 @@ class RateLimitCheck:
         self._legacy = options.legacy_headers
         self._prefix = ip_prefixer(options.ipv4_prefix_length, options.ipv6_prefix_length)
         self._lanes: dict[_LaneKey, _Lane] = {}
+        # No rule anywhere in the config: only a key's own limits can apply.
+        self._no_rules = not self._global and not any(self._by_route.values())
+        # Its epoch tells a lane's fields whether a reset may have moved (ReserveFields).
+        self._reservations = limiter.reservations
 
     def rules_for(self, route: Route | None) -> tuple[LimitRule, ...]:
         return self._by_route.get(route.name, self._global) if route else self._global
 
     def decide(self, ctx: RequestContext) -> Decision | Awaitable[Decision]:
-        route = ctx.route
         extra = ctx.extra_limits
-        if not extra and not self.rules_for(route):
+        if not extra and self._no_rules:
             return ALLOW
+        route = ctx.route
         lane_key = (id(route), id(extra), ctx.client_ip, ctx.key_id, ctx.tenant_id)
         lane = self._lanes.get(lane_key)
         if lane is None:
+            if not extra and not self.rules_for(route):
+                return ALLOW  # nothing applies: no lane kept for it
             lane = self._new_lane(ctx, lane_key)
         hit_set = lane.hit_set
         if hit_set is None:
-            return ALLOW
+            return ALLOW  # no rule applies to this shape
         limiter = self._limiter
         now = limiter.now()
         if limiter.take_reserved(hit_set, now):
             ctx.limit_hits = hit_set.hits
             ctx.limit_verdict = ALLOWED_FROM_RESERVES
-            if (fields := lane.fields) is not None:
-                assert hit_set.reserves is not None  # take_reserved spent from them
-                ctx.add_response_fields(fields.render(hit_set.reserves, now), fields.count)
+            fields = lane.fields
+            if fields is not None:
+                assert hit_set.reserves is not None and self._reservations is not None
+                ctx.response_fields += fields.render(
+                    hit_set.reserves, now, self._reservations.epoch
+                )
             return ALLOW
         if (
             lane.denial is not None

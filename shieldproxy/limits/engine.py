@@ -19,7 +19,6 @@ from shieldproxy.limits.cache import OverLimitCache
 from shieldproxy.limits.fallback import LocalFallback, QuotaBacklog
 from shieldproxy.limits.model import Hit, LimitRule, Strategy
 from shieldproxy.limits.reserve import (
-    NOT_TAKEN,
     TAKEN_LOW,
     GiveBack,
     Reservations,
@@ -171,7 +170,9 @@ class RateLimiter:
         self._templates: dict[int, _Template] = {}
         self._local = LocalFallback(max_entries=self._settings.fallback_max_entries)
         settings = self._settings
-        self._reserves = (
+        # Units reserved ahead (None: off). Public for its epoch (limits.headers.ReserveFields);
+        # only the limiter changes it.
+        self.reservations = (
             Reservations(
                 horizon_seconds=settings.reserve_seconds,
                 max_units=settings.reserve_max_units,
@@ -210,7 +211,7 @@ class RateLimiter:
         """Begin heartbeats (live-instance count for fallback limits). Call once from server."""
         await self._beat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
-        if self._reserves is not None:
+        if self.reservations is not None:
             self._sweeper_task = asyncio.create_task(self._give_back_loop())
 
     async def close(self) -> None:
@@ -229,10 +230,10 @@ class RateLimiter:
             self._sweeper_task.cancel()
             await asyncio.gather(self._sweeper_task, return_exceptions=True)
             self._sweeper_task = None
-        if self._reserves is not None:
+        if self.reservations is not None:
             # Refills still in flight first: what they reserve is given back with the rest.
             await asyncio.gather(*self._background, return_exceptions=True)
-            await self._give_back(self._reserves.drain())
+            await self._give_back(self.reservations.drain())
         for lease, _ in list(self._leases.values()):
             await self.release(lease)
         while self._background:  # what they spawn too (a renewal's second release)
@@ -258,11 +259,13 @@ class RateLimiter:
 
         The hot path for a busy subject: no store call, no verdict built. The caller reads the
         per-limit state from `hit_set.reserves`."""
-        found, needs, reserves = hit_set.reserves, hit_set.needs, self._reserves
-        if found is None or needs is None or reserves is None:
+        found = hit_set.reserves
+        if found is None:  # set only with reserves on and needs known (see check)
             return False
+        reserves, needs = self.reservations, hit_set.needs
+        assert reserves is not None and needs is not None
         taken = reserves.take_from(found, needs, now)
-        if taken == NOT_TAKEN:
+        if not taken:  # NOT_TAKEN
             return False
         stats = self.stats
         stats.checks += 1
@@ -273,7 +276,7 @@ class RateLimiter:
 
     async def _refill(self, hit_set: HitSet, wanted: list[tuple[int, int]]) -> None:
         """Reserve more units for a busy subject before it runs out: a cost-0 store call."""
-        assert self._reserves is not None
+        assert self.reservations is not None
         token = f"{self._instance_id}:{next(self._seq)}"
         hits = [hit_set.hits[i] for i, _ in wanted]
         keys_ = [hit_set.keys[i] for i, _ in wanted]
@@ -286,9 +289,9 @@ class RateLimiter:
         except StoreError:
             results = None  # the next request asks again, or goes to the store itself
         except BaseException:
-            self._reserves.settle(keys_, calls, None, sent)  # not asking any more
+            self.reservations.settle(keys_, calls, None, sent)  # not asking any more
             raise
-        self._reserves.settle(keys_, calls, results, sent)
+        self.reservations.settle(keys_, calls, results, sent)
         self.stats.refills += 1
 
     def count_cached_denial(self) -> None:
@@ -314,7 +317,7 @@ class RateLimiter:
         keys_ = hit_set.keys
         if not hit_set.distinct:
             return await self._check_merged(hits, keys_)
-        reserves = self._reserves
+        reserves = self.reservations
         needs = hit_set.needs
         if reserves is not None and needs is not None:
             taken = reserves.take(needs, keys_, now)
@@ -388,10 +391,10 @@ class RateLimiter:
 
         Units this instance reserved and has not spent yet count as not used."""
         verdict = await self.check([dataclasses.replace(h, cost=0) for h in hits])
-        if self._reserves is None or len(verdict.states) != len(hits):
+        if self.reservations is None or len(verdict.states) != len(hits):
             return verdict
         now = self.now()
-        held = [self._reserves.held(self._key(h), now) for h in hits]
+        held = [self.reservations.held(self._key(h), now) for h in hits]
         if not any(held):
             return verdict
         states = tuple(
@@ -735,13 +738,13 @@ class RateLimiter:
     # ---- reserved units not spent ---------------------------------------------------------------
 
     async def _give_back_loop(self) -> None:
-        assert self._reserves is not None
+        assert self.reservations is not None
         # Twice per reservation length: unspent units are back at most 1.5 x that after the grant.
         pause = self._settings.reserve_seconds / 2
         while not self._closing:
             await asyncio.sleep(pause)
             try:
-                owed = self._reserves.expired(self.now())
+                owed = self.reservations.expired(self.now())
                 if owed:
                     # Shielded: close() cancels this loop, and units taken out of the reserves
                     # must reach the store (close waits for background tasks before draining).
@@ -758,8 +761,8 @@ class RateLimiter:
             await self._store.refund([c for c, _ in owed], [stamp for _, stamp in owed])
         except CircuitOpen:
             # Not even attempted: try again on the next round (quota units are billing data).
-            assert self._reserves is not None
-            self._reserves.owe_again(owed)
+            assert self.reservations is not None
+            self.reservations.owe_again(owed)
             return
         except StoreError as exc:
             # Outcome unknown (it may have run): never repeated, since giving back twice would

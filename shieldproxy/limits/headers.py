@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 from shieldproxy.limits.engine import Verdict
@@ -11,6 +12,9 @@ from shieldproxy.limits.reserve import Reserve
 
 # One enforced policy's numbers for one response: (quoted name, limit, remaining, seconds to reset).
 PolicyState = tuple[str, int, int, float]
+
+
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 
 def _sf_string(value: str) -> str:
@@ -85,14 +89,18 @@ class ReserveFields:
     Why: the busiest subjects' requests all come this way, and their fields differ from one
     response to the next only in the remaining counts. Everything else (names, limits, the
     seconds to each reset, which change once a second) is laid out as a printf template when
-    it changes ("baked"); a response then costs reading its reserves and one `%`.
+    it changes ("baked"); a response then costs reading its reserves and one `%`. The resets
+    are not even read while the reserves' epoch (Reservations.epoch, bumped whenever a reset
+    moves) is the one last seen.
     """
 
     __slots__ = (
         "_baked",
         "_baked_at",
+        "_epoch",
         "_fresh_until",
         "_head",
+        "_indices",
         "_legacy",
         "_limits",
         "_names",
@@ -105,10 +113,16 @@ class ReserveFields:
         """`shown`: (reserve index, quoted policy name, limit) of each enforced policy, in order;
         at least one (with none enforced a response has no fields to render)."""
         assert shown, "no enforced policy: nothing to render"
+        # The lines go out unchecked (context.RequestContext.response_fields): what they are
+        # made of must be printable. Rule names are (config allows [A-Za-z0-9_.-]; key and
+        # plan rules have fixed names), and the numbers are ints.
+        if not all(_PRINTABLE.fullmatch(text) for text in (policy, *(n for _, n, _ in shown))):
+            raise ValueError(f"policy text that is not printable ASCII: {policy!r}")
         self._legacy = legacy
         self._head = f"RateLimit-Policy: {_printf(policy)}\r\nRateLimit: "
         self._names = tuple(_printf(name) for _, name, _ in shown)
         self._limits = tuple(limit for _, _, limit in shown)
+        self._indices = tuple(i for i, _, _ in shown)
         self.count = 5 if legacy else 2
         # Set by _bake (the first render bakes): (reserve index, its reset_at) per policy, the
         # templates (one per policy the legacy trio may describe) and the order that picks
@@ -120,18 +134,16 @@ class ReserveFields:
         # The limiter's clock is monotonic; an earlier `now` bakes again all the same.
         self._baked_at = math.inf
         self._fresh_until = -math.inf
+        self._epoch = -1  # the reserves' epoch the resets were last read in (-1: never)
 
-    def render(self, reserves: Sequence[Reserve], now: float) -> str:
-        """The header lines ("Name: value\\r\\n" each, `count` of them) for these reserves."""
-        if not self._baked_at <= now < self._fresh_until:  # a second ticked (or time went back)
-            self._bake(reserves, now)
+    def render(self, reserves: Sequence[Reserve], now: float, epoch: int) -> str:
+        """The header lines ("Name: value\\r\\n" each, `count` of them) for these reserves;
+        `epoch` is their Reservations.epoch (any change of it means a reset may have moved)."""
+        if epoch != self._epoch or not self._baked_at <= now < self._fresh_until:
+            self._lay_out(reserves, now, epoch)
         lefts: list[int] = []
-        for i, reset_at in self._baked:
+        for i in self._indices:  # a loop, not a comprehension: it runs on every response
             r = reserves[i]
-            if r.reset_at != reset_at:  # a grant moved a reset: lay out again, read again
-                self._bake(reserves, now)
-                lefts = [reserves[i].base + reserves[i].left for i, _ in self._baked]
-                break
             lefts.append(r.base + r.left)
         if not self._legacy:
             return self._templates[0] % tuple(lefts)
@@ -143,6 +155,16 @@ class ReserveFields:
                 lefts.append(low)
                 return self._templates[k] % tuple(lefts)
         raise AssertionError("unreachable: some policy holds the minimum")
+
+    def _lay_out(self, reserves: Sequence[Reserve], now: float, epoch: int) -> None:
+        """Bake again if a second ticked (or time went back) or a grant moved a reset."""
+        if self._baked_at <= now < self._fresh_until and all(
+            reserves[i].reset_at == reset_at for i, reset_at in self._baked
+        ):
+            self._epoch = epoch
+            return
+        self._bake(reserves, now)
+        self._epoch = epoch
 
     def _bake(self, reserves: Sequence[Reserve], now: float) -> None:
         """Lay the templates out for the seconds to each reset as of `now`."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,11 @@ class Reserve:
     asking: bool = False  # a store call asking for more is in flight
     granted: int = 0  # units of the last grant (refill() asks again when 1/4 are spent)
     capped: bool = False  # valid_until is the window's end, not the horizon's
+    # take_from()'s tests folded into two numbers (see Reservations._mark): spending that
+    # leaves at least `floor` units before `quick_until` is taken, and finds nothing low.
+    # The defaults send every spend through the full tests.
+    floor: int = 0
+    quick_until: float = -math.inf
 
 
 class Reservations:
@@ -88,7 +94,9 @@ class Reservations:
         self._expiry: list[tuple[float, int, Reserve]] = []  # heap by valid_until
         self._seq = itertools.count()
         self._owed: list[GiveBack] = []  # leftovers replaced or evicted, to give back
-        self.spent = 0  # units spent without a store call (for metrics and tests)
+        # Bumped whenever a reserve's reset_at moves: what was laid out from the resets
+        # (limits.headers.ReserveFields) holds while it stays the same.
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -118,33 +126,47 @@ class Reservations:
 
         NOT_TAKEN, TAKEN, or TAKEN_LOW when one of the reserves now runs low and refill()
         would ask for more. Costs must be >= 1 (a cost-0 hit is never admitted from here).
-        Every busy request runs this, and seldom fails: one pass spends, and is undone if a
-        reserve comes up short. The reserves must be distinct, as the keys of a HitSet that
-        has reserves are (two hits on one key are merged before they reach reserves): the
-        undo stops at the first reserve that is the short one."""
+        The reserves must be distinct, as the keys of a HitSet that has reserves are (two
+        hits on one key are merged before they reach reserves).
+
+        Every busy request runs this, and seldom meets anything but plenty: one test per
+        reserve (the marks _mark keeps) spends; anything else undoes and goes to _take."""
+        for r, (cost, limit) in zip(found, needs, strict=True):
+            left = r.left - cost
+            if left < r.floor or now >= r.quick_until or r.limit != limit:
+                _undo(found, needs, r)
+                return self._take(found, needs, now)
+            r.left = left
+            r.demand += cost
+        return TAKEN
+
+    def _take(self, found: Sequence[Reserve], needs: Sequence[tuple[int, int]], now: float) -> int:
+        """take_from() in full: short, expired or granted under another limit, or low."""
         early = self._early
         taken = TAKEN
-        spent = 0
         for r, (cost, limit) in zip(found, needs, strict=True):
             left = r.left - cost
             if left < 0 or now >= r.valid_until or r.limit != limit:
-                # An evicted reserve has nothing left, so it fails here too.
-                for back, (paid, _) in zip(found, needs, strict=False):
-                    if back is r:
-                        break
-                    back.left += paid
-                    back.demand -= paid
+                _undo(found, needs, r)  # an evicted reserve has nothing left: it fails here too
                 return NOT_TAKEN
             r.left = left
             r.demand += cost
-            spent += cost
-            # refill()'s test, inlined: it runs on every request, and seldom finds one.
             if not r.asking and (
                 4 * left < 3 * r.granted or not (r.capped or now < r.valid_until - early)
             ):
                 taken = TAKEN_LOW
-        self.spent += spent
         return taken
+
+    def _mark(self, r: Reserve) -> None:
+        """Fold _take's tests for `r` into its floor and quick_until, after anything they read
+        changed (asking, granted, capped, valid_until): above the floor and before
+        quick_until, a spend is taken and finds nothing low (4 * left >= 3 * granted, and
+        time not running out), or, while asking, simply taken."""
+        if r.asking:
+            r.floor, r.quick_until = 0, r.valid_until
+        else:
+            r.floor = (3 * r.granted + 3) // 4  # the least left with 4 * left >= 3 * granted
+            r.quick_until = r.valid_until if r.capped else r.valid_until - self._early
 
     def lookup(self, keys: Sequence[str]) -> list[Reserve] | None:
         """The reserves of these keys, if every one has an entry (for take_from)."""
@@ -213,6 +235,7 @@ class Reservations:
         if want > 0:
             r.asking = True
             r.since, r.demand = now, 0
+            self._mark(r)
         return want
 
     def settle(
@@ -232,6 +255,7 @@ class Reservations:
             if r is None:
                 continue  # evicted meanwhile; a grant below is then given back
             r.asking = False
+            self._mark(r)
             if results is None:
                 continue
             res = results[i]
@@ -252,6 +276,8 @@ class Reservations:
             if r.capped:
                 valid = r.reset_at
             r.valid_until = valid
+            self._mark(r)
+            self.epoch += 1
             heapq.heappush(self._expiry, (valid, next(self._seq), r))
         for k, c, res in zip(keys, calls, results or (), strict=False):
             if c.extra > 0 and res.granted > 0 and k not in self._entries:
@@ -266,6 +292,7 @@ class Reservations:
         r.base = max(0, res.remaining)
         r.used = res.used
         r.reset_at = now + max(0, res.reset_ms) / 1000
+        self.epoch += 1
 
     def expired(self, now: float) -> list[GiveBack]:
         """Leftovers of reservations that ended: the units to give back to the store."""
@@ -306,3 +333,13 @@ class Reservations:
         r = self._entries.pop(key)
         if r.left > 0:
             self._owe(r)
+
+
+def _undo(found: Sequence[Reserve], needs: Sequence[tuple[int, int]], short: Reserve) -> None:
+    """Give back what a spend took from the reserves before `short`, the one that failed it
+    (found's reserves are distinct, so the first that is `short` is where the spend stopped)."""
+    for back, (paid, _) in zip(found, needs, strict=False):
+        if back is short:
+            break
+        back.left += paid
+        back.demand -= paid

@@ -145,3 +145,23 @@ def test_client_headers_drop_the_key_and_overrides_for_every_path() -> None:
     ctx.key_source = "authorization"
     kept = [name.decode().lower() for name, _ in client_headers(ctx)]
     assert kept == ["accept"]
+
+
+def test_remembered_names_are_still_filtered_per_request() -> None:
+    """client_headers remembers the names it has seen (forward._FOLDED): what one request
+    nominates in Connection, or carries its key in, must not decide for the next, in either
+    direction, and names past the map's bound are filtered all the same."""
+
+    def kept(headers: dict[str, str], key_source: str = "") -> list[str]:
+        ctx = _ctx(headers=headers)
+        ctx.key_source = key_source
+        return [name.decode() for name, _ in client_headers(ctx)]
+
+    plain = {"Authorization": "Basic dXNlcg==", "X-Foo": "1", "X_Shield_Key_Id": "k"}
+    for _ in range(2):  # the second time from the remembered names
+        assert kept(plain) == ["Authorization", "X-Foo"]
+        nominating = {**plain, "Connection": "X-Foo", "Authorization": "Bearer sp_live_k"}
+        assert kept(nominating, "authorization") == []
+    many = {f"X-Name-{i}": "v" for i in range(3000)}  # more than it remembers
+    for _ in range(2):
+        assert kept({**many, "X-Shield-Tenant-Id": "t"}) == list(many)

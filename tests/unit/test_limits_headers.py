@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -76,7 +77,7 @@ def test_headers_from_reserves_are_the_generic_headers(
     if not policies:
         return  # nothing enforced: no fields (a lane builds no ReserveFields then)
     fields = ReserveFields(policy, shown, legacy)
-    lines = fields.render(reserves, now)
+    lines = fields.render(reserves, now, epoch=0)
     assert lines == "".join(f"{name}: {value}\r\n" for name, value in expected)
     assert fields.count == len(expected)
 
@@ -102,7 +103,8 @@ def test_fields_rendered_over_time_are_the_generic_headers(
 ) -> None:
     """What ReserveFields lays out once (the seconds to each reset) must never be stale:
     response after response, as time passes and grants move resets, its lines are
-    headers_for()'s, at every whole second and at the instants a second ticks over."""
+    headers_for()'s, at every whole second and at the instants a second ticks over. The
+    resets are read again only when the epoch says one moved."""
     now = 1000.0
     reserves = [
         Reserve(base=base, left=left + 10, reset_at=now + reset)
@@ -110,6 +112,7 @@ def test_fields_rendered_over_time_are_the_generic_headers(
     ]
     shown = [(i, name, limit) for i, (name, limit, *_) in enumerate(policies)]
     fields = ReserveFields("P", shown, legacy)
+    epoch = 0  # as Reservations.epoch: bumped whenever a reset moves, and only then
     for elapsed, spent, moved in steps:
         now += elapsed
         for r in reserves:
@@ -117,6 +120,7 @@ def test_fields_rendered_over_time_are_the_generic_headers(
         if moved is not None:
             index, reset = moved
             reserves[index % len(reserves)].reset_at = now + reset
+            epoch += 1
         # Now, then around the instant each policy's seconds next tick over: a microsecond
         # before, and at it (the limiter's clock never goes back).
         ticks = [now + (r.reset_at - now) % 1.0 for r in reserves]
@@ -127,7 +131,7 @@ def test_fields_rendered_over_time_are_the_generic_headers(
             ]
             expected = headers_for("P", states, None)[: fields.count]
             lines = "".join(f"{name}: {value}\r\n" for name, value in expected)
-            assert fields.render(reserves, at) == lines, (at, [r.reset_at for r in reserves])
+            assert fields.render(reserves, at, epoch) == lines, (at, [r.reset_at for r in reserves])
             now = at
 
 
@@ -136,5 +140,18 @@ def test_an_earlier_clock_reading_is_rendered_as_it_is() -> None:
     (another clock injected) shows that instant's seconds, not the later ones it laid out."""
     reserve = Reserve(base=90, left=5, reset_at=100.0)
     fields = ReserveFields('"p"', [(0, '"p"', 100)], legacy=False)
-    assert fields.render([reserve], 97.5) == 'RateLimit-Policy: "p"\r\nRateLimit: "p";r=95;t=3\r\n'
-    assert fields.render([reserve], 96.5) == 'RateLimit-Policy: "p"\r\nRateLimit: "p";r=95;t=4\r\n'
+    assert (
+        fields.render([reserve], 97.5, 0) == 'RateLimit-Policy: "p"\r\nRateLimit: "p";r=95;t=3\r\n'
+    )
+    assert (
+        fields.render([reserve], 96.5, 0) == 'RateLimit-Policy: "p"\r\nRateLimit: "p";r=95;t=4\r\n'
+    )
+
+
+def test_fields_from_unprintable_names_are_never_rendered() -> None:
+    """The rendered lines reach the wire unchecked: a name that could break a line (no rule
+    name can, config refuses them) is refused when the renderer is made, not sent."""
+    with pytest.raises(ValueError, match="printable"):
+        ReserveFields('"a"\r\nX-Forged: 1', [(0, '"a"', 10)], legacy=True)
+    with pytest.raises(ValueError, match="printable"):
+        ReserveFields('"a"', [(0, '"a\x01"', 10)], legacy=False)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import math
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shieldproxy.limits import Hit, LimiterSettings, LimitRule, RateLimiter
 from shieldproxy.limits.reserve import NOT_TAKEN, Reservations, Reserve
-from shieldproxy.store.base import GRANT_SHARE
+from shieldproxy.store.base import GRANT_SHARE, CallResult, LimitCall
 from tests.limits_helpers import open_roomy, stored_count
 
 pytestmark = pytest.mark.timeout(60)
@@ -161,8 +165,85 @@ def test_a_request_one_reserve_cannot_pay_for_spends_from_none(short: str) -> No
     needs = [(2, 1000), (3, 1000), (2, 1000)]
     assert reserves.take_from([first, second, third], needs, now) == NOT_TAKEN
     assert [(r.left, r.demand) for r in (first, second)] == [(5, 7), (5, 7)]
-    assert reserves.spent == 0
     third.left, third.valid_until, third.limit = 5, now + 1, 1000
     assert reserves.take_from([first, second, third], needs, now) != NOT_TAKEN
     assert [r.left for r in (first, second, third)] == [3, 2, 3]
-    assert reserves.spent == 7
+
+
+# One step in the life of three reserves: time passes, the limiter asks for more (wants or
+# refill), a store answer lands (a grant, none, or a failed call), or a request spends.
+_reserve_step = st.one_of(
+    st.tuples(st.just("wait"), st.floats(0.0, 0.6, allow_nan=False)),
+    st.tuples(st.just("ask"), st.integers(0, 2)),
+    st.tuples(st.just("refill"), st.just(0)),
+    st.tuples(
+        st.just("grant"),
+        st.integers(0, 2),
+        st.integers(0, 40),  # units granted (0: the store had none to spare)
+        st.integers(0, 3000),  # ms to the window's reset
+        st.sampled_from([1000, 2000]),  # the limit it was granted under
+        st.booleans(),  # the call failed
+    ),
+    st.tuples(st.just("spend"), st.integers(1, 3), st.sampled_from([1000, 2000])),
+)
+
+
+def _assert_marks_current(reserves: Reservations, r: Reserve) -> None:
+    """A reserve's marks are what _mark makes of it now (or were never made: the full
+    tests run then). A mark left stale after a change would let take_from() admit where
+    _take() finds the reserve low, or send a request to _take() for nothing."""
+    if r.quick_until == -math.inf:
+        assert r.floor == 0
+        return
+    if r.asking:  # a refill is on its way: only running out (or out of time) matters
+        assert (r.floor, r.quick_until) == (0, r.valid_until)
+        return
+    # The least `left` that is not low (4 * left >= 3 * granted), and the time it runs low.
+    assert 4 * r.floor >= 3 * r.granted > 4 * (r.floor - 1)
+    early = 0.75  # three quarters of the one-second horizon
+    assert r.quick_until == (r.valid_until if r.capped else r.valid_until - early)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_reserve_step, min_size=1, max_size=60))
+def test_the_quick_spend_is_the_full_one(steps: list[tuple[object, ...]]) -> None:
+    """take_from() decides from two numbers per reserve (Reservations._mark) what _take()
+    works out in full: whatever asks, grants and failures came before, both must answer
+    alike and leave every reserve alike."""
+    reserves = Reservations(horizon_seconds=1.0, max_units=50, max_entries=10)
+    rules = [window_rule(f"r{i}", 1000) for i in range(3)]
+    keys = [f"k{i}" for i in range(3)]
+    now = 100.0
+    for _ in range(2):  # two sightings: the second asks for units (a rate is known)
+        reserves.wants([Hit(rule, "s") for rule in rules], keys, now)
+        now += 0.1
+    for step in steps:
+        for r in reserves._entries.values():
+            _assert_marks_current(reserves, r)
+        kind = step[0]
+        if kind == "wait":
+            now += float(step[1])  # type: ignore[arg-type]
+        elif kind == "ask":
+            index = int(step[1])  # type: ignore[call-overload]
+            reserves.wants([Hit(rules[index], "s")], [keys[index]], now)
+        elif kind == "refill":
+            found = reserves.lookup(keys)
+            if found is not None:
+                reserves.refill(found, now)
+        elif kind == "grant":
+            _, index, units, reset_ms, limit, failed = step
+            call = LimitCall(
+                keys[index], "fixed_window", limit, 3_600_000, limit, 0, False, "t", extra=units
+            )  # type: ignore[arg-type]
+            result = CallResult(True, 500, reset_ms, 0, granted=units)  # type: ignore[arg-type]
+            reserves.settle([keys[index]], [call], None if failed else [result], now)
+        else:
+            _, cost, limit = step
+            found = reserves.lookup(keys)
+            if found is None:
+                continue
+            needs = [(cost, limit)] * 3  # type: ignore[list-item]
+            twin, twin_found = copy.deepcopy((reserves, found))
+            expected = twin._take(twin_found, needs, now)
+            assert reserves.take_from(found, needs, now) == expected
+            assert [(r.left, r.demand) for r in found] == [(r.left, r.demand) for r in twin_found]

@@ -438,7 +438,7 @@ def test_rendered_fields_and_pairs_both_reach_a_later_denial() -> None:
     reserve = Reserve(base=90, left=5, reset_at=10.0)
     fields = ReserveFields('"per-ip";q=100;w=60', [(0, '"per-ip"', 100)], legacy=True)
     ctx = RequestContext(make_mocked_request("GET", "/"), "req-1", 0.0)
-    ctx.add_response_fields(fields.render([reserve], now=0.0), fields.count)
+    ctx.response_fields += fields.render([reserve], now=0.0, epoch=0)
     ctx.add_response_headers([("X-Shield-Degraded", "store")])
     assert ctx.added_headers() == [
         ("RateLimit-Policy", '"per-ip";q=100;w=60'),
