@@ -47,7 +47,7 @@ from harness import (
 )
 
 SLOWDOWN = 50  # how much slower the proxy runs under callgrind (measured: 40-60x)
-RESERVE_SECONDS = 0.05 * SLOWDOWN  # the default horizon, scaled (see the docstring)
+RESERVE_SECONDS = 0.1 * SLOWDOWN  # the default horizon, scaled (see the docstring)
 # The store's per-call budget, scaled the same way: a loop turn of queued requests takes 50x
 # longer under callgrind, and a reply read after the default 50 ms would count as a timeout
 # and send the instance to its fallback (not the path being measured).

@@ -180,7 +180,7 @@ class RateLimitsConfig(Section):
         "", description="upstream response header whose integer is debited after the response"
     )
     reserve_seconds: float = Field(
-        0.05,
+        0.1,
         ge=0,
         le=10,
         description="busy subjects: reserve this much of their traffic ahead from the store and "

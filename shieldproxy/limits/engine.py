@@ -53,7 +53,7 @@ class LimiterSettings:
     quota_backlog_max_counters: int = 100_000  # quota counters owed to a store that was down
     # Busy subjects: reserve this much of their traffic ahead from the store (see reserve.py);
     # 0 asks the store for every request.
-    reserve_seconds: float = 0.05
+    reserve_seconds: float = 0.1
     reserve_max_units: int = 10_000  # per key and grant
     reserve_max_entries: int = 100_000
     reserve_min_limit: int = 1000  # smaller limits stay exact per request

@@ -5,17 +5,19 @@ Why: one store call per request costs tens of microseconds of Python even when c
 (building the call, a future, a loop wake-up, decoding), more than the rest of a proxied
 request. Envoy and Kong answer that by counting locally and syncing later, which over-admits
 between syncs. Here the order is reversed: when a subject is busy, the store call that admits a
-request also consumes up to `rate x horizon` more units (never more than 1/GRANT_SHARE of what is
-left, see limits.lua), and this instance spends them on the subject's next requests without
-asking. Units are consumed in the store before they are spent, so a limit is never exceeded;
-what an instance still holds when its reservation expires (after `horizon`, or at the end of
-the window) goes back to the store ("refund", within half a horizon more). A reserve running
-low (a quarter of its grant spent, or a quarter of its time gone) is refilled by a cost-0 store
-call in the background (see refill), so a steady subject's requests seldom find it empty; it
-then holds up to about two grants. The price is an
+request also consumes enough units to hold `rate x horizon` of them (never more than
+1/GRANT_SHARE of what is left per call, see limits.lua), and this instance spends them on the
+subject's next requests without asking. Units are consumed in the store before they are spent,
+so a limit is never exceeded; what an instance still holds when its reservation expires (after
+`horizon`, or at the end of the window) goes back to the store ("refund", within half a horizon
+more). A reserve running low (half of what it held after its last grant spent, or half of its
+time gone) is topped up by a cost-0 store call in the background (see refill), so a steady
+subject's requests seldom find it empty: it asks twice per horizon and holds between half a
+horizon and a horizon of its traffic. (It once asked for a whole horizon's worth at every
+refill, four times per horizon: a busy subject's holding grew without bound.) The price is an
 under-admission: units one instance holds are not available to another until they are spent or
 given back, and an instance denied meanwhile caches that denial (see cache.py) until the window
-ends. Both are bounded by the grant size, at most 1/GRANT_SHARE of what was left per instance.
+ends. Both are bounded by one horizon of the subject's traffic on that instance.
 
 Only counters can be reserved (RESERVABLE): sliding_log stays exact per request by contract,
 concurrency slots belong to one request each; a request with any such limit goes to the store
@@ -67,7 +69,7 @@ class Reserve:
     demand: int = 0  # units this instance was asked for since `since` (rate estimate)
     since: float = 0.0
     asking: bool = False  # a store call asking for more is in flight
-    granted: int = 0  # units of the last grant (refill() asks again when 1/4 are spent)
+    full: int = 0  # units held right after the last grant: fewer than half of them is low
     capped: bool = False  # valid_until is the window's end, not the horizon's
     # take_from()'s tests folded into two numbers (see Reservations._mark): spending that
     # leaves at least `floor` units before `quick_until` is taken, and finds nothing low.
@@ -84,9 +86,9 @@ class Reservations:
     ) -> None:
         self._horizon = horizon_seconds
         # A store reply can take tens of milliseconds when this process is saturated (several
-        # loop turns of queued requests): refill() asks while a quarter of the grant's units
-        # and time are gone, so the new grant lands before the old one runs out.
-        self._early = horizon_seconds * 3 / 4
+        # loop turns of queued requests): refill() asks while half of the units and of the
+        # time are left, so the top-up lands long before the reserve runs out.
+        self._early = horizon_seconds / 2
         self._min_limit = min_limit
         self._max_units = max_units
         self._max_entries = max_entries
@@ -152,20 +154,20 @@ class Reservations:
             r.left = left
             r.demand += cost
             if not r.asking and (
-                4 * left < 3 * r.granted or not (r.capped or now < r.valid_until - early)
+                2 * left < r.full or not (r.capped or now < r.valid_until - early)
             ):
                 taken = TAKEN_LOW
         return taken
 
     def _mark(self, r: Reserve) -> None:
         """Fold _take's tests for `r` into its floor and quick_until, after anything they read
-        changed (asking, granted, capped, valid_until): above the floor and before
-        quick_until, a spend is taken and finds nothing low (4 * left >= 3 * granted, and
-        time not running out), or, while asking, simply taken."""
+        changed (asking, full, capped, valid_until): above the floor and before quick_until,
+        a spend is taken and finds nothing low (2 * left >= full, and time not running out),
+        or, while asking, simply taken."""
         if r.asking:
             r.floor, r.quick_until = 0, r.valid_until
         else:
-            r.floor = (3 * r.granted + 3) // 4  # the least left with 4 * left >= 3 * granted
+            r.floor = (r.full + 1) // 2  # the least left with 2 * left >= full
             r.quick_until = r.valid_until if r.capped else r.valid_until - self._early
 
     def lookup(self, keys: Sequence[str]) -> list[Reserve] | None:
@@ -204,39 +206,42 @@ class Reservations:
             if r.asking or covered:
                 out.append(0)
                 continue
-            out.append(self._ask(r, now))
+            usable = now < r.valid_until and r.limit == h.rule.requests
+            out.append(self._ask(r, now, r.left if usable else 0))
         return out
 
     def refill(self, found: Sequence[Reserve], now: float) -> list[tuple[int, int]] | None:
         """(hit index, units) to reserve ahead for reserves running low, or None.
 
-        A reserve is low when a quarter of its last grant is spent or a quarter of its time
-        has passed. Asking then, in the background, keeps a busy subject on its reserves:
-        without it, every reserve runs dry now and then, and the requests that find it so wait
-        for the store. A subject then holds up to about two grants.
+        A reserve is low when half of what it held after its last grant is spent, or half of
+        its time has passed. Topping it up then, in the background, keeps a busy subject on
+        its reserves: without it, every reserve runs dry now and then, and the requests that
+        find it so wait for the store.
         """
         early = self._early
         out: list[tuple[int, int]] | None = None
         for i, r in enumerate(found):
             # Time runs out at a window's end whatever is asked: only units then say "low".
             timely = r.capped or now < r.valid_until - early
-            if r.asking or (4 * r.left >= 3 * r.granted and timely):
+            if r.asking or (2 * r.left >= r.full and timely):
                 continue  # the common case: nothing allocated
-            if (units := self._ask(r, now)) > 0:
+            if (units := self._ask(r, now, r.left if now < r.valid_until else 0)) > 0:
                 if out is None:
                     out = []
                 out.append((i, units))
         return out
 
-    def _ask(self, r: Reserve, now: float) -> int:
-        """Units for the coming horizon at the rate seen since the last ask; marks r asking."""
+    def _ask(self, r: Reserve, now: float, held: int) -> int:
+        """Units that top `held` up to the coming horizon at the rate seen since the last ask
+        (at least one: a grant renews the whole reserve's time); marks r asking."""
         elapsed = max(now - r.since, _MIN_ELAPSED_S)
-        want = min(int(r.demand / elapsed * self._horizon), self._max_units)
-        if want > 0:
-            r.asking = True
-            r.since, r.demand = now, 0
-            self._mark(r)
-        return want
+        aim = min(int(r.demand / elapsed * self._horizon), self._max_units)
+        if aim <= 0:
+            return 0
+        r.asking = True
+        r.since, r.demand = now, 0
+        self._mark(r)
+        return max(aim - held, 1)
 
     def settle(
         self,
@@ -266,15 +271,18 @@ class Reservations:
             r.call = c
             r.limit = c.limit
             r.left += res.granted
-            r.granted = res.granted
+            r.full = r.left
             r.base = max(0, res.remaining)
             r.used = res.used
             r.stamp = res.stamp
             r.reset_at = now + max(0, res.reset_ms) / 1000
             valid = now + self._horizon
-            r.capped = c.strategy in _WINDOWED and r.reset_at < valid
+            # reset_ms is rounded up to a whole millisecond: the window may end up to 1 ms
+            # before reset_at, and units counted in it must not be spent in the next one.
+            window_end = r.reset_at - 0.001
+            r.capped = c.strategy in _WINDOWED and window_end < valid
             if r.capped:
-                valid = r.reset_at
+                valid = window_end
             r.valid_until = valid
             self._mark(r)
             self.epoch += 1

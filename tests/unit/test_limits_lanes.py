@@ -375,12 +375,15 @@ async def test_a_changed_key_limit_gets_a_new_lane(
     assert all(policy == new_policy for policy, _ in seen)
 
 
+@pytest.mark.parametrize("step", [0.0005, 0.0003, 0.00037])
 async def test_a_refill_is_never_spent_past_its_window(
-    tmp_path: Path, closing: list[Closable]
+    tmp_path: Path, closing: list[Closable], step: float
 ) -> None:
     """Units counted in one fixed window must not be spent once the next has opened (they would
     not be counted there: over-admission). A refill's reply arrives after the store measured the
-    window's end, so its validity must be counted from before the call."""
+    window's end, so its validity must be counted from before the call; and the store rounds
+    the time to the end up to a whole millisecond, which must not stretch the validity (steps
+    off the millisecond grid catch that)."""
     clock = ManualClock(START)  # 40 s into a 60 s window: it ends at START + 20
     store = open_store("local", data_dir=tmp_path, clock=clock)
     real_acquire = store.acquire
@@ -400,7 +403,7 @@ async def test_a_refill_is_never_spent_past_its_window(
     clock.t = end - 0.3
     spent_late = 0
     while clock.t < end + 0.1:
-        clock.t += 0.0005
+        clock.t += step
         if limiter.take_reserved(hs, clock.t):
             assert hs.reserves is not None
             if clock.t >= end:

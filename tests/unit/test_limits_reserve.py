@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shieldproxy.limits import Hit, LimiterSettings, LimitRule, RateLimiter
-from shieldproxy.limits.reserve import NOT_TAKEN, Reservations, Reserve
+from shieldproxy.limits.reserve import NOT_TAKEN, TAKEN_LOW, Reservations, Reserve
 from shieldproxy.store.base import GRANT_SHARE, CallResult, LimitCall
 from tests.limits_helpers import open_roomy, stored_count
 
@@ -153,9 +153,9 @@ def test_a_request_one_reserve_cannot_pay_for_spends_from_none(short: str) -> No
     reserves before that one must read exactly as before, units and demand alike."""
     reserves = Reservations(horizon_seconds=1.0, max_units=100, max_entries=10)
     now = 50.0
-    first = Reserve(left=5, limit=1000, valid_until=now + 1, granted=5, demand=7)
-    second = Reserve(left=5, limit=1000, valid_until=now + 1, granted=5, demand=7)
-    third = Reserve(left=5, limit=1000, valid_until=now + 1, granted=5, demand=7)
+    first = Reserve(left=5, limit=1000, valid_until=now + 1, full=5, demand=7)
+    second = Reserve(left=5, limit=1000, valid_until=now + 1, full=5, demand=7)
+    third = Reserve(left=5, limit=1000, valid_until=now + 1, full=5, demand=7)
     if short == "units":
         third.left = 1
     elif short == "expired":
@@ -168,6 +168,40 @@ def test_a_request_one_reserve_cannot_pay_for_spends_from_none(short: str) -> No
     third.left, third.valid_until, third.limit = 5, now + 1, 1000
     assert reserves.take_from([first, second, third], needs, now) != NOT_TAKEN
     assert [r.left for r in (first, second, third)] == [3, 2, 3]
+
+
+def test_a_steady_subject_holds_one_horizon_at_most_and_asks_twice_per_horizon() -> None:
+    """A busy subject's reserve is topped up, not stacked: each refill once asked for a whole
+    horizon's traffic, four times per horizon, so what one instance held (and no other could
+    use) grew by three horizons' worth every horizon. Here the store answers at once."""
+    horizon, rate = 0.1, 5000  # 500 units per horizon
+    reserves = Reservations(horizon_seconds=horizon, max_units=10_000, max_entries=10)
+    rule = window_rule("steady", 10**9, strategy="sliding_window")
+    hits, keys, needs = [Hit(rule, "k")], ["k"], [(1, 10**9)]
+
+    def grant(units: int, now: float) -> None:
+        call = LimitCall("k", "sliding_window", 10**9, 60_000, 10**9, 0, False, "t", extra=units)
+        reserves.settle(keys, [call], [CallResult(True, 10**8, 30_000, 0, granted=units)], now)
+
+    refills, store_calls, most_held = 0, 0, 0
+    for i in range(3 * rate):
+        now = 1000.0 + i / rate
+        found = reserves.lookup(keys)
+        taken = NOT_TAKEN if found is None else reserves.take_from(found, needs, now)
+        if taken == NOT_TAKEN:
+            store_calls += 1
+            if (units := reserves.wants(hits, keys, now)[0]) > 0:
+                grant(units, now)
+        elif taken == TAKEN_LOW:
+            assert found is not None
+            for _, units in reserves.refill(found, now) or ():
+                refills += 1
+                grant(units, now)
+        if i >= rate:  # past the first second: steady
+            most_held = max(most_held, reserves.held("k", now))
+    assert store_calls <= 3  # the first sightings only: then every request is served locally
+    assert most_held <= rate * horizon + 1
+    assert 3 / horizon * 2 * 0.9 <= refills <= 3 / horizon * 2 * 1.1  # twice per horizon
 
 
 # One step in the life of three reserves: time passes, the limiter asks for more (wants or
@@ -198,9 +232,9 @@ def _assert_marks_current(reserves: Reservations, r: Reserve) -> None:
     if r.asking:  # a refill is on its way: only running out (or out of time) matters
         assert (r.floor, r.quick_until) == (0, r.valid_until)
         return
-    # The least `left` that is not low (4 * left >= 3 * granted), and the time it runs low.
-    assert 4 * r.floor >= 3 * r.granted > 4 * (r.floor - 1)
-    early = 0.75  # three quarters of the one-second horizon
+    # The least `left` that is not low (2 * left >= full), and the time it runs low.
+    assert 2 * r.floor >= r.full > 2 * (r.floor - 1)
+    early = 0.5  # half of the one-second horizon
     assert r.quick_until == (r.valid_until if r.capped else r.valid_until - early)
 
 
