@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -169,9 +170,14 @@ class ApiKeyCheck:
         return found[0][0], "authorization" if len(found) > 1 else found[0][1]
 
 
+@functools.lru_cache(maxsize=4096)
 def bearer_token(authorization: str) -> str | None:
     """The key an `Authorization: Bearer sp_...` header holds; None for any other credential
-    (another scheme, or a token that is not ours: the upstream's own auth passes through)."""
+    (another scheme, or a token that is not ours: the upstream's own auth passes through).
+
+    Remembered per header value: a caller sends the same one on every request, and a lookup
+    costs a quarter of parsing it; the secret comes back as the same string object, whose
+    hash the registry's lookup then reuses. Bounded: made-up values only push others out."""
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token.startswith("sp_") else None

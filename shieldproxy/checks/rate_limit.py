@@ -101,15 +101,13 @@ class RateLimitCheck:
             return ALLOW  # no rule applies to this shape
         limiter = self._limiter
         now = limiter.now()
-        if limiter.take_reserved(hit_set, now):
+        if (spent := limiter.take_reserved(hit_set, now)) is not None:
             ctx.limit_hits = hit_set.hits
             ctx.limit_verdict = ALLOWED_FROM_RESERVES
             fields = lane.fields
             if fields is not None:
-                assert hit_set.reserves is not None and self._reservations is not None
-                ctx.response_fields += fields.render(
-                    hit_set.reserves, now, self._reservations.epoch
-                )
+                assert self._reservations is not None  # it made the reserves spent
+                ctx.response_fields += fields.render(spent, now, self._reservations.epoch)
             return ALLOW
         if (
             lane.denial is not None

@@ -254,25 +254,25 @@ class RateLimiter:
         free = any(cost < 1 for cost, _ in needs)
         return HitSet(hits, keys_, len(set(keys_)) == len(keys_), None if free else needs)
 
-    def take_reserved(self, hit_set: HitSet, now: float) -> bool:
-        """Admit from units reserved earlier, synchronously, or touch nothing and say False.
+    def take_reserved(self, hit_set: HitSet, now: float) -> list[Reserve] | None:
+        """Admit from units reserved earlier, synchronously, or touch nothing and say None.
 
-        The hot path for a busy subject: no store call, no verdict built. The caller reads the
-        per-limit state from `hit_set.reserves`."""
+        The hot path for a busy subject: no store call, no verdict built. The reserves it
+        spent from come back: the caller reads the per-limit state from them."""
         found = hit_set.reserves
         if found is None:  # set only with reserves on and needs known (see check)
-            return False
+            return None
         reserves, needs = self.reservations, hit_set.needs
         assert reserves is not None and needs is not None
         taken = reserves.take_from(found, needs, now)
         if not taken:  # NOT_TAKEN
-            return False
+            return None
         stats = self.stats
         stats.checks += 1
         stats.reserved += 1
         if taken == TAKEN_LOW and not self._closing and (wanted := reserves.refill(found, now)):
             self._spawn(self._refill(hit_set, wanted))
-        return True
+        return found
 
     async def _refill(self, hit_set: HitSet, wanted: list[tuple[int, int]]) -> None:
         """Reserve more units for a busy subject before it runs out: a cost-0 store call."""
