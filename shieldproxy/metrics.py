@@ -101,9 +101,7 @@ class ProxyMetrics:
     def snapshot(self) -> dict[str, Any]:
         source = self._limiter_source
         if source is not None:
-            self.limiter = {
-                name: getattr(source.stats, name) for name in source.stats.__dataclass_fields__
-            }
+            self.limiter = source.stats.counts()
             self.degraded_workers = int(source.degraded)
         return {
             "limiter": self.limiter,

@@ -98,9 +98,12 @@ class Verdict:
 
 @dataclass(slots=True)
 class LimiterStats:
-    """Plain counters that metrics.py exports; no labels by key or IP by construction."""
+    """Plain counters that metrics.py exports (see counts); no labels by key or IP by
+    construction."""
 
-    checks: int = 0
+    # Limit checks not answered from reserves (the store, its over-limit cache, the fallback):
+    # `reserved` counts the others, so that a busy request bumps one counter (see checks).
+    asked: int = 0
     denied: int = 0
     cache_denied: int = 0  # denied from the over-limit cache without a store call
     shadow_denied: int = 0
@@ -119,6 +122,17 @@ class LimiterStats:
     given_back: int = 0  # reserved units returned to the store unspent
     refills: int = 0  # store calls that reserved ahead for a busy subject
     give_back_errors: int = 0
+
+    @property
+    def checks(self) -> int:
+        """Every limit check, whichever path answered it."""
+        return self.asked + self.reserved
+
+    def counts(self) -> dict[str, int]:
+        """The counters by event name, as exported: `checks` in place of `asked`."""
+        counts = dataclasses.asdict(self)
+        counts["checks"] = counts.pop("asked") + self.reserved
+        return counts
 
 
 ALLOWED_NOTHING = Verdict(True, "", (), None, False, None)
@@ -267,9 +281,7 @@ class RateLimiter:
         taken = reserves.take_from(found, needs, now)
         if not taken:  # NOT_TAKEN
             return None
-        stats = self.stats
-        stats.checks += 1
-        stats.reserved += 1
+        self.stats.reserved += 1
         if taken == TAKEN_LOW and not self._closing and (wanted := reserves.refill(found, now)):
             self._spawn(self._refill(hit_set, wanted))
         return found
@@ -297,7 +309,7 @@ class RateLimiter:
     def count_cached_denial(self) -> None:
         """A caller answered with a denial it kept from `check` (see HitSet.denial)."""
         stats = self.stats
-        stats.checks += 1
+        stats.asked += 1
         stats.cache_denied += 1
         stats.denied += 1
 
@@ -308,7 +320,7 @@ class RateLimiter:
         learns the reserves and cached denial the next request of that shape can use."""
         if not hits:
             return ALLOWED_NOTHING
-        self.stats.checks += 1
+        self.stats.asked += 1
         now = self.now()
         # Storage keys first: an over-limit flood is answered from the cache below without
         # building a single LimitCall.

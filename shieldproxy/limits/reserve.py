@@ -66,7 +66,12 @@ class Reserve:
     stamp: int = 0  # window the units were counted in (for the refund)
     reset_at: float = 0.0  # limiter clock: when the store's window or period resets
     valid_until: float = 0.0  # limiter clock: spend before this, then give back
-    demand: int = 0  # units this instance was asked for since `since` (rate estimate)
+    # The rate estimate: units asked for since `since` are `demand` (through the store, see
+    # wants) plus `left_at_since - left` (spent from here). `left_at_since` is `left` as of
+    # `since`, moved with every change of `left` that is not a spend (a grant, a give-back),
+    # so a spend, which every busy request makes, touches nothing but `left`.
+    demand: int = 0
+    left_at_since: int = 0
     since: float = 0.0
     asking: bool = False  # a store call asking for more is in flight
     full: int = 0  # units held right after the last grant: fewer than half of them is low
@@ -139,7 +144,6 @@ class Reservations:
                 _undo(found, needs, r)
                 return self._take(found, needs, now)
             r.left = left
-            r.demand += cost
         return TAKEN
 
     def _take(self, found: Sequence[Reserve], needs: Sequence[tuple[int, int]], now: float) -> int:
@@ -152,7 +156,6 @@ class Reservations:
                 _undo(found, needs, r)  # an evicted reserve has nothing left: it fails here too
                 return NOT_TAKEN
             r.left = left
-            r.demand += cost
             if not r.asking and (
                 2 * left < r.full or not (r.capped or now < r.valid_until - early)
             ):
@@ -194,7 +197,7 @@ class Reservations:
                     r = self._entries[k] = Reserve()
                     if len(self._entries) > self._max_entries:
                         self._evict()
-                r.since, r.demand = now, h.cost
+                r.since, r.demand, r.left_at_since = now, h.cost, r.left
                 out.append(0)
                 continue
             r.demand += h.cost
@@ -235,11 +238,12 @@ class Reservations:
         """Units that top `held` up to the coming horizon at the rate seen since the last ask
         (at least one: a grant renews the whole reserve's time); marks r asking."""
         elapsed = max(now - r.since, _MIN_ELAPSED_S)
-        aim = min(int(r.demand / elapsed * self._horizon), self._max_units)
+        asked = r.demand + r.left_at_since - r.left
+        aim = min(int(asked / elapsed * self._horizon), self._max_units)
         if aim <= 0:
             return 0
         r.asking = True
-        r.since, r.demand = now, 0
+        r.since, r.demand, r.left_at_since = now, 0, r.left
         self._mark(r)
         return max(aim - held, 1)
 
@@ -271,6 +275,7 @@ class Reservations:
             r.call = c
             r.limit = c.limit
             r.left += res.granted
+            r.left_at_since += res.granted
             r.full = r.left
             r.base = max(0, res.remaining)
             r.used = res.used
@@ -329,6 +334,7 @@ class Reservations:
     def _owe(self, r: Reserve, into: list[GiveBack] | None = None, now: float = 0.0) -> None:
         assert r.call is not None  # left > 0 only after a grant
         left, r.left = r.left, 0
+        r.left_at_since -= left
         if r.call.strategy == "fixed_window" and now >= r.reset_at:
             return  # that window has ended and its count with it: nothing to give back
         (self._owed if into is None else into).append(
@@ -350,4 +356,3 @@ def _undo(found: Sequence[Reserve], needs: Sequence[tuple[int, int]], short: Res
         if back is short:
             break
         back.left += paid
-        back.demand -= paid

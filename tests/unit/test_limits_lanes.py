@@ -87,6 +87,9 @@ async def test_refills_keep_a_busy_subject_on_its_reserves(
             await asyncio.sleep(0.0005)  # ~1 s in all: some 20 reservation lengths
     assert admitted == total
     assert limiter.stats.checks == total  # each request counted once, whichever path took it
+    exported = limiter.stats.counts()  # what /metrics shows
+    assert exported["checks"] == total and exported["reserved"] == total - to_store
+    assert "asked" not in exported
     assert limiter.stats.refills > 0, "no reserve was ever refilled"
     # Here about 2 (the first sighting, the first grant); without refills some 25, one per
     # reservation length.

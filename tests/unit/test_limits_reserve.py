@@ -226,6 +226,7 @@ def _assert_marks_current(reserves: Reservations, r: Reserve) -> None:
     """A reserve's marks are what _mark makes of it now (or were never made: the full
     tests run then). A mark left stale after a change would let take_from() admit where
     _take() finds the reserve low, or send a request to _take() for nothing."""
+    assert r.left_at_since >= r.left  # what was spent since the last ask is never negative
     if r.quick_until == -math.inf:
         assert r.floor == 0
         return
