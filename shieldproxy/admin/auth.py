@@ -73,6 +73,9 @@ class TokenGuard:
     """Constant-time token comparison, and a per-IP budget of failed attempts."""
 
     def __init__(self, token: str, *, max_failures: int = 10, window_seconds: float = 60.0):
+        if not token:
+            # An empty token would match an empty `Bearer ` header: never serve with one.
+            raise ValueError("the admin token is empty")
         self._token = token.encode()
         self._max_failures = max_failures
         self._window = window_seconds

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shieldproxy.admin.auth import load_or_create_secret
+from shieldproxy.admin.auth import TokenGuard, load_or_create_secret
 
 
 def _create_after(barrier: Barrier, path: str, results: multiprocessing.Queue[str]) -> None:
@@ -56,3 +56,13 @@ def test_an_empty_secret_file_is_refused_not_replaced(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="key-secret is empty: restore it, or delete it"):
         load_or_create_secret(path, "spkey_", "a key hashing secret")
     assert path.read_text() == "\n"
+
+
+def test_an_empty_admin_token_is_never_served() -> None:
+    """What a worker that read a half-written token file once served with: an empty token,
+    which an empty `Authorization: Bearer ` header matched."""
+    with pytest.raises(ValueError, match="admin token is empty"):
+        TokenGuard("")
+    guard = TokenGuard("spadm_x")
+    assert not guard.check("127.0.0.1", "")
+    assert guard.check("127.0.0.1", "spadm_x")
