@@ -12,11 +12,12 @@ ratelimit_bench.py, whose wall-clock figures remain the goals of record.
 
 Each variant of ratelimit_bench.py runs under callgrind, pinned to CPU 0; nginx, redis-server
 and wrk run natively on CPU 1. After a warm-up the counters are zeroed, wrk drives 64
-connections for --duration seconds, the counters are dumped, and instructions are divided by
-the requests wrk counted, less what the instance runs idle over as long (its timers: see
-idle_rate), and with the variant's one-minute windows stretched like its horizon (slowed). The proxy runs about 50x slower under callgrind, and a busy
-subject's reserve is sized by its request rate over `reserve_seconds`; the horizon is scaled by
-that slowdown so that a grant covers as many requests as at full speed.
+connections for --duration seconds, the counters are dumped, and instructions, less what the
+instance runs idle over as long (its timers: see idle_rate), are divided by the requests wrk
+counted. The proxy runs about 50x slower under callgrind, and a busy subject's reserve is
+sized by its request rate over `reserve_seconds`; the horizon is scaled by that slowdown so
+that a grant covers as many requests as at full speed, and so are the variants' one-minute
+windows (see slowed).
 """
 
 from __future__ import annotations
@@ -117,10 +118,10 @@ def newest_dump(home: Path) -> Path:
 
 def idle_rate(service: Service, home: Path) -> float:
     """Instructions per second the instance runs with no requests: its timers (housekeeping,
-    heartbeats, the key cache's flush, aiohttp's clock). At full speed they are a rounding
-    error (about 3 M instructions a second against 2,400 M for 10,000 requests), but under
-    callgrind a second holds 50x fewer requests, and charging them to the requests inflated
-    every variant by 1-3 %, by how many requests a run happened to complete."""
+    heartbeats, the key cache's flush, aiohttp's clock). Measured: about 0.3 M a second. At
+    full speed that is nothing next to 10,000 requests a second, but under callgrind a second
+    holds 50x fewer requests, and charging it to them added about 1k instructions (0.4 %) to
+    each, more or less by how many requests a run happened to complete."""
     callgrind_control("-z", service)
     started = time.monotonic()
     time.sleep(IDLE_S)

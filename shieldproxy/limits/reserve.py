@@ -264,11 +264,8 @@ class Reservations:
             if r is None:
                 continue  # evicted meanwhile; a grant below is then given back
             r.asking = False
-            self._mark(r)
-            if results is None:
-                continue
-            res = results[i]
-            if res.granted <= 0:
+            if results is None or (res := results[i]).granted <= 0:
+                self._mark(r)  # nothing granted: only asking changed
                 continue
             if r.left > 0 and (r.stamp != res.stamp or now >= r.valid_until or r.limit != c.limit):
                 self._owe(r, now=now)  # units of another window or limit: back to the store
