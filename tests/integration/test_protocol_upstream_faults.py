@@ -156,12 +156,14 @@ def test_mid_body_silence_truncates_after_the_read_timeout(
     assert len(data.partition(b"\r\n\r\n")[2]) < 100
 
 
-def _drop_second_request_on_a_connection() -> tuple[dict[int, int], object]:
-    served: dict[int, int] = {}
+def _drop_second_request_on_a_connection() -> tuple[dict[socket.socket, int], object]:
+    # Keyed by the socket itself, which the dict keeps alive: keyed by id(), a fresh
+    # connection's socket could reuse a closed one's id and be taken for it (a flaky 502).
+    served: dict[socket.socket, int] = {}
 
     def behaviour(recorded: Recorded, sock: socket.socket) -> bool:
-        count = served.get(id(sock), 0)
-        served[id(sock)] = count + 1
+        count = served.get(sock, 0)
+        served[sock] = count + 1
         if count >= 1:
             return False  # the upstream closed its idle keep-alive connection
         body = b"ok"
