@@ -7,6 +7,7 @@ redis_cluster_tls); these are the cases only a secured server has.
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,10 @@ async def test_an_acl_user_without_the_rights_is_refused(
     await store.close()
 
 
+# asyncio (3.11) leaves the socket transport of a handshake that failed verification to the
+# garbage collector, whose "unclosed transport" warning then fails whichever test it lands
+# in (CI saw it once, here). It is collected inside this test, where it is expected.
+@pytest.mark.filterwarnings("ignore:unclosed transport:ResourceWarning")
 async def test_an_untrusted_certificate_is_a_refusal(
     redis_cluster_tls: RedisClusterServers, tmp_path: Path
 ) -> None:
@@ -51,6 +56,7 @@ async def test_an_untrusted_certificate_is_a_refusal(
     refused = await refusal_at_start(store)
     assert refused is not None and "CERTIFICATE_VERIFY_FAILED" in refused
     await store.close()
+    gc.collect()
 
 
 async def test_verification_can_be_turned_off_explicitly(
