@@ -23,6 +23,8 @@ from shieldproxy.limits.reserve import (
     GiveBack,
     Reservations,
     Reserve,
+    Spend,
+    spends_of,
 )
 from shieldproxy.store.base import (
     CallResult,
@@ -154,7 +156,10 @@ class HitSet:
     # (cost, limit) of each hit, what spending from reserves checks; None when a hit costs
     # nothing (such a request is never admitted from reserves)
     needs: tuple[tuple[int, int], ...] | None
-    reserves: list[Reserve] | None = None  # one per hit, once all have been reserved for
+    # One reserve per hit once all have been reserved for, and then also `spends`: each
+    # with its hit's (cost, limit), as take_from spends them (None: not yet).
+    reserves: list[Reserve] = dataclasses.field(default_factory=list)
+    spends: tuple[Spend, ...] | None = None
     denied_until: float = 0.0  # limiter clock: the over-limit cache denies these hits until...
     denial: Verdict | None = None  # ...with this verdict (the last one it gave)
 
@@ -273,15 +278,16 @@ class RateLimiter:
 
         The hot path for a busy subject: no store call, no verdict built. The reserves it
         spent from come back: the caller reads the per-limit state from them."""
-        found = hit_set.reserves
-        if found is None:  # set only with reserves on and needs known (see check)
+        spends = hit_set.spends
+        if spends is None:  # set only with reserves on and needs known (see check)
             return None
-        reserves, needs = self.reservations, hit_set.needs
-        assert reserves is not None and needs is not None
-        taken = reserves.take_from(found, needs, now)
+        reserves = self.reservations
+        assert reserves is not None
+        taken = reserves.take_from(spends, now)
         if not taken:  # NOT_TAKEN
             return None
         self.stats.reserved += 1
+        found = hit_set.reserves
         if taken == TAKEN_LOW and not self._closing and (wanted := reserves.refill(found, now)):
             self._spawn(self._refill(hit_set, wanted))
         return found
@@ -367,7 +373,9 @@ class RateLimiter:
         if reserves is not None:
             reserves.settle(keys_, calls, results, now)
             if needs is not None:
-                hit_set.reserves = reserves.lookup(keys_)
+                found = reserves.lookup(keys_)
+                hit_set.reserves = found or []
+                hit_set.spends = None if found is None else spends_of(found, needs)
         self._degraded = False
         if self._backlog:
             self._owed_to_store()

@@ -83,6 +83,11 @@ class Reserve:
     quick_until: float = -math.inf
 
 
+# One hit's spend: (its reserve, its cost, the limit its units must have been granted under).
+# Kept ready per request shape (HitSet.spends): a spend then unpacks one tuple per reserve.
+Spend = tuple[Reserve, int, int]
+
+
 class Reservations:
     """Per-key reserves of one limiter. Single-threaded (one event loop), no awaits inside."""
 
@@ -122,14 +127,13 @@ class Reservations:
 
         `needs` holds each hit's (cost, limit): see HitSet.needs."""
         found = self.lookup(keys)
-        if found is None or not self.take_from(found, needs, now):
+        if found is None or not self.take_from(spends_of(found, needs), now):
             return None
         return found
 
-    def take_from(
-        self, found: Sequence[Reserve], needs: Sequence[tuple[int, int]], now: float
-    ) -> int:
-        """take() for reserves already looked up (see lookup): spend for every hit, or none.
+    def take_from(self, spends: Sequence[Spend], now: float) -> int:
+        """take() for reserves already looked up (see lookup, spends_of): spend for every
+        hit, or none.
 
         NOT_TAKEN, TAKEN, or TAKEN_LOW when one of the reserves now runs low and refill()
         would ask for more. Costs must be >= 1 (a cost-0 hit is never admitted from here).
@@ -138,22 +142,22 @@ class Reservations:
 
         Every busy request runs this, and seldom meets anything but plenty: one test per
         reserve (the marks _mark keeps) spends; anything else undoes and goes to _take."""
-        for r, (cost, limit) in zip(found, needs, strict=True):
+        for r, cost, limit in spends:
             left = r.left - cost
             if left < r.floor or now >= r.quick_until or r.limit != limit:
-                _undo(found, needs, r)
-                return self._take(found, needs, now)
+                _undo(spends, r)
+                return self._take(spends, now)
             r.left = left
         return TAKEN
 
-    def _take(self, found: Sequence[Reserve], needs: Sequence[tuple[int, int]], now: float) -> int:
+    def _take(self, spends: Sequence[Spend], now: float) -> int:
         """take_from() in full: short, expired or granted under another limit, or low."""
         early = self._early
         taken = TAKEN
-        for r, (cost, limit) in zip(found, needs, strict=True):
+        for r, cost, limit in spends:
             left = r.left - cost
             if left < 0 or now >= r.valid_until or r.limit != limit:
-                _undo(found, needs, r)  # an evicted reserve has nothing left: it fails here too
+                _undo(spends, r)  # an evicted reserve has nothing left: it fails here too
                 return NOT_TAKEN
             r.left = left
             if not r.asking and (
@@ -346,10 +350,15 @@ class Reservations:
             self._owe(r)
 
 
-def _undo(found: Sequence[Reserve], needs: Sequence[tuple[int, int]], short: Reserve) -> None:
+def spends_of(found: Sequence[Reserve], needs: Sequence[tuple[int, int]]) -> tuple[Spend, ...]:
+    """Each reserve with its hit's (cost, limit), as take_from() spends them."""
+    return tuple((r, cost, limit) for r, (cost, limit) in zip(found, needs, strict=True))
+
+
+def _undo(spends: Sequence[Spend], short: Reserve) -> None:
     """Give back what a spend took from the reserves before `short`, the one that failed it
-    (found's reserves are distinct, so the first that is `short` is where the spend stopped)."""
-    for back, (paid, _) in zip(found, needs, strict=False):
+    (the reserves are distinct, so the first that is `short` is where the spend stopped)."""
+    for back, paid, _ in spends:
         if back is short:
             break
         back.left += paid

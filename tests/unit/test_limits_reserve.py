@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shieldproxy.limits import Hit, LimiterSettings, LimitRule, RateLimiter
-from shieldproxy.limits.reserve import NOT_TAKEN, TAKEN_LOW, Reservations, Reserve
+from shieldproxy.limits.reserve import (
+    NOT_TAKEN,
+    TAKEN_LOW,
+    Reservations,
+    Reserve,
+    spends_of,
+)
 from shieldproxy.store.base import GRANT_SHARE, CallResult, LimitCall
 from tests.limits_helpers import open_roomy, stored_count
 
@@ -163,10 +169,10 @@ def test_a_request_one_reserve_cannot_pay_for_spends_from_none(short: str) -> No
     else:
         third.limit = 2000
     needs = [(2, 1000), (3, 1000), (2, 1000)]
-    assert reserves.take_from([first, second, third], needs, now) == NOT_TAKEN
+    assert reserves.take_from(spends_of([first, second, third], needs), now) == NOT_TAKEN
     assert [(r.left, r.demand) for r in (first, second)] == [(5, 7), (5, 7)]
     third.left, third.valid_until, third.limit = 5, now + 1, 1000
-    assert reserves.take_from([first, second, third], needs, now) != NOT_TAKEN
+    assert reserves.take_from(spends_of([first, second, third], needs), now) != NOT_TAKEN
     assert [r.left for r in (first, second, third)] == [3, 2, 3]
 
 
@@ -187,7 +193,7 @@ def test_a_steady_subject_holds_one_horizon_at_most_and_asks_twice_per_horizon()
     for i in range(3 * rate):
         now = 1000.0 + i / rate
         found = reserves.lookup(keys)
-        taken = NOT_TAKEN if found is None else reserves.take_from(found, needs, now)
+        taken = NOT_TAKEN if found is None else reserves.take_from(spends_of(found, needs), now)
         if taken == NOT_TAKEN:
             store_calls += 1
             if (units := reserves.wants(hits, keys, now)[0]) > 0:
@@ -279,6 +285,6 @@ def test_the_quick_spend_is_the_full_one(steps: list[tuple[object, ...]]) -> Non
                 continue
             needs = [(cost, limit)] * 3  # type: ignore[list-item]
             twin, twin_found = copy.deepcopy((reserves, found))
-            expected = twin._take(twin_found, needs, now)
-            assert reserves.take_from(found, needs, now) == expected
+            expected = twin._take(spends_of(twin_found, needs), now)
+            assert reserves.take_from(spends_of(found, needs), now) == expected
             assert [(r.left, r.demand) for r in found] == [(r.left, r.demand) for r in twin_found]
