@@ -69,8 +69,10 @@ def _sw_retry(c: LimitCall, cur: int, prev: int, el: int) -> int:
         return w - el
     a = c.limit - cur - c.cost
     if a >= 0:
-        return w - ((a + 1) * w - 1) // prev - el
-    emin = max(0, w - ((c.limit - c.cost + 1) * w - 1) // cur)
+        # admitted once ceil(prev * (w - el) / w) <= a, i.e. el >= w - a * w / prev
+        return w - (a * w) // prev - el
+    # the current window alone is over: in the next one it is the previous, weighed down
+    emin = max(0, w - ((c.limit - c.cost) * w) // cur)
     return w - el + emin
 
 
@@ -306,7 +308,10 @@ class MemoryCounters:
             cw = now - now % w
             cur, prev = (e.n, e.p) if e.w == cw else ((0, e.n) if e.w == cw - w else (0, 0))
             el = now - cw
-            weighted = math.floor(prev * (w - el) / w) + cur
+            # Rounded up: the estimate never counts fewer than the weighted share, so a window
+            # that was full denies until enough of it has faded (floor admitted one request
+            # more the moment a full window ended).
+            weighted = math.ceil(prev * (w - el) / w) + cur
             ok = weighted + c.cost <= c.limit
             retry = 0 if ok else _sw_retry(c, cur, prev, el)
             e.w, e.n, e.p = cw, cur, prev  # normalise the roll-over; counts unchanged

@@ -55,6 +55,10 @@ async def test_fixed_window_edges(limiter: RateLimiter, clock: FakeClock) -> Non
 async def test_sliding_window_weights_previous_window(
     limiter: RateLimiter, clock: FakeClock
 ) -> None:
+    """The previous window's count weighs by the share of it still inside the sliding
+    window, rounded up: a full window denies until a whole unit of it has faded, not from
+    the instant it ends (rounded down, a 10-per-10 s limit once admitted an 11th request
+    1 ms after the 10th)."""
     r = rule("sliding_window", 10, 10)
     for _ in range(10):
         assert (await go(limiter, Hit(r, "a"))).allowed
@@ -62,12 +66,17 @@ async def test_sliding_window_weights_previous_window(
     clock.advance(10)  # next window starts; the previous one still weighs 100%
     v = await go(limiter, Hit(r, "a"))
     assert not v.allowed and v.retry_after == 1
-    clock.advance(0.001)  # weight 9999/10000 -> floor(9.999) = 9 -> one slot
+    clock.advance(0.001)  # weight 9999/10000: ceil(9.999) = 10, still full
+    v = await go(limiter, Hit(r, "a"))
+    assert not v.allowed and v.states[0].remaining == 0 and v.retry_after == 1
+    clock.advance(0.998)  # 999 ms in: ceil(9.001) = 10, still full
+    assert not (await go(limiter, Hit(r, "a"))).allowed
+    clock.advance(0.002)  # 1.001 s in: ceil(8.999) = 9, one slot
     v = await go(limiter, Hit(r, "a"))
     assert v.allowed and v.states[0].remaining == 0
-    clock.advance(5)  # half the previous window left: floor(10 * 0.4999) + 1 = 5
+    clock.advance(4)  # 5.001 s in: ceil(4.999) + 1 = 6
     v = await go(limiter, Hit(r, "a"))
-    assert v.allowed and v.states[0].remaining == 4
+    assert v.allowed and v.states[0].remaining == 3
 
 
 async def test_sliding_log_is_exact(limiter: RateLimiter, clock: FakeClock) -> None:

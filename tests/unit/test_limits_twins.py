@@ -53,12 +53,47 @@ def test_sliding_window_retry_is_the_first_admitting_ms() -> None:
     c = call("sliding_window", 4, 1000)
     for _ in range(4):
         assert m.acquire([c], T0 + 500)[0].allowed
-    assert m.acquire([c], T0 + 1250)[0].allowed  # previous 4 weigh floor(4 * 0.75) = 3
+    assert m.acquire([c], T0 + 1250)[0].allowed  # previous 4 weigh 4 * 0.75 = 3
     denied = m.acquire([c], T0 + 1250)[0]
     assert not denied.allowed and denied.retry_ms > 0
     at = T0 + 1250 + denied.retry_ms
     assert not m.acquire([c], at - 1)[0].allowed
     assert m.acquire([c], at)[0].allowed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 50),  # limit
+    st.integers(0, 50),  # units counted in the previous window
+    st.integers(0, 50),  # ...and in the current one, before the request
+    st.integers(1, 5),  # its cost
+    st.integers(0, 999),  # ms into the current window
+)
+def test_sliding_window_admits_exactly_when_the_weighted_count_leaves_room(
+    limit: int, prev: int, cur: int, cost: int, elapsed: int
+) -> None:
+    """The weighted estimate is the previous window's count times the share of it still
+    inside the sliding window, rounded up, plus the current count; a request is admitted
+    when its cost fits under the limit on top, and a denial's retry_ms is the first ms that
+    admits (never a ms too early, never one too late)."""
+    m = MemoryCounters()
+    window = 1000
+    seed = call("sliding_window", 10**6, window)  # the same key, a limit nothing reaches
+    if prev:
+        m.acquire([dataclasses.replace(seed, cost=prev)], T0 - window)
+    if cur:
+        m.acquire([dataclasses.replace(seed, cost=cur)], T0)
+    c = call("sliding_window", limit, window, cost=cost)
+    now = T0 + elapsed
+    weighted = -(-prev * (window - elapsed) // window) + cur  # exact ceiling
+    result = m.acquire([c], now)[0]
+    assert result.allowed == (weighted + cost <= limit)
+    if result.allowed:
+        return
+    at = now + result.retry_ms
+    if at - 1 >= now:
+        assert not m.acquire([c], at - 1)[0].allowed
+    assert m.acquire([c], at)[0].allowed or cost > limit
 
 
 @pytest.mark.parametrize("strategy", ["sliding_log", "token_bucket", "concurrency"])

@@ -94,9 +94,11 @@ local function sw_retry(c, cur, prev, e)
   local a = c.limit - cur - c.cost
   if a >= 0 then
     -- denied with room in the current window: wait until the previous window's weight fades
-    return W - math.floor(((a + 1) * W - 1) / prev) - e
+    -- (admitted once ceil(prev * (W - e) / W) <= a)
+    return W - math.floor(a * W / prev) - e
   end
-  local emin = W - math.floor(((c.limit - c.cost + 1) * W - 1) / cur)
+  -- the current window alone is over: in the next one it is the previous, weighed down
+  local emin = W - math.floor((c.limit - c.cost) * W / cur)
   if emin < 0 then emin = 0 end
   return W - e + emin
 end
@@ -113,7 +115,8 @@ eval.sliding_window = function(c)
     prev = tonumber(v[2]) or 0
   end
   local e = now - cw
-  local weighted = math.floor(prev * (W - e) / W) + cur
+  -- rounded up: a full window denies until enough of it has faded (see algorithms.py)
+  local weighted = math.ceil(prev * (W - e) / W) + cur
   local st = {cw = cw, cur = cur, prev = prev, weighted = weighted, stamp = cw}
   st.ok = weighted + c.cost <= c.limit
   st.rem = math.max(0, c.limit - weighted)
