@@ -48,6 +48,7 @@ class ApiKeyCheck:
         self._required = config.auth.required
         self._query_parameter = config.auth.query_parameter
         self._registry = registry
+        self._last_used = registry.last_used
         self._wall = wall_clock
         per_minute = config.auth.unknown_keys_per_minute
         self._guard = UnknownKeyGuard(per_minute) if per_minute > 0 else None
@@ -128,10 +129,8 @@ class ApiKeyCheck:
         ctx.key = view
         ctx.key_id = view.id
         ctx.tenant_id = view.tenant_id
-        ctx.extra_limits = (
-            self._limits_of(view, now) if view.quota or view.plan_quota else view.limits
-        )
-        self._registry.touch(view.id, now)
+        ctx.extra_limits = self._limits_of(view, now) if view.has_quota else view.limits
+        self._last_used[view.id] = now  # written to the store in batches (KeyRegistry)
         return ALLOW
 
     def _limits_of(self, view: KeyView, now: float) -> tuple[tuple[LimitRule, str | None], ...]:

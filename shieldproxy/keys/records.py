@@ -44,6 +44,7 @@ class KeyView:
     usable_until: float = field(init=False)
     reads: bool = field(init=False)
     writes: bool = field(init=False)
+    has_quota: bool = field(init=False)  # a monthly quota of its own or its plan's
 
     def __post_init__(self) -> None:
         until = -math.inf if self.revoked else math.inf
@@ -53,6 +54,7 @@ class KeyView:
         object.__setattr__(self, "usable_until", until)
         object.__setattr__(self, "reads", self.allows(frozenset({"read"})))
         object.__setattr__(self, "writes", self.allows(frozenset({"write"})))
+        object.__setattr__(self, "has_quota", bool(self.quota or self.plan_quota))
 
     def allows(self, needed: frozenset[str]) -> bool:
         """`admin` implies read and write: an admin key can do anything a key can."""

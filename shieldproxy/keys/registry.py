@@ -99,7 +99,10 @@ class KeyRegistry:
         self._unknown: dict[str, float] = {}  # digest of a key that does not exist → until
         self._generation = 0  # bumped by every invalidation
         self._loading: dict[str, asyncio.Future[KeyView | None]] = {}  # loads under way
-        self._used: dict[str, float] = {}
+        # Key id -> wall-clock time of its last use, not yet written to the store. Written by
+        # the hot path directly (checks.api_key: a method call per request cost more than the
+        # write), in batches to the store by _flush_used; one dict for the registry's life.
+        self.last_used: dict[str, float] = {}
         # Secrets of recently valid keys → the cache entry that vouched for them last, so a
         # repeat caller costs one lookup: no format check, no HMAC. An entry taken out of the
         # cache is dropped (_Entry.drop), so nothing stale is read through here. In memory
@@ -218,11 +221,6 @@ class KeyRegistry:
             self._cache[digest] = _Entry(view, now + self._ttl, now + self._max_stale)
         return view
 
-    def touch(self, key_id: str, now: float) -> None:
-        """Remember a use at wall-clock `now` (the caller has read it already); written to the
-        store in batches, never on the request path."""
-        self._used[key_id] = now
-
     async def _load(self, digest: str) -> KeyView | None:
         ref = await self._store.get_record(KEY_HASHES, digest)
         if ref is None:
@@ -309,9 +307,16 @@ class KeyRegistry:
                 await self._flush_used()
 
     async def _flush_used(self) -> None:
-        used, self._used = self._used, {}
-        for key_id, at in used.items():
-            await self._store.put_record(LAST_USED, key_id, {"at": at})
+        used = list(self.last_used.items())
+        self.last_used.clear()
+        for i, (key_id, at) in enumerate(used):
+            try:
+                await self._store.put_record(LAST_USED, key_id, {"at": at})
+            except BaseException:
+                # Not written: kept for the next flush, unless a later use replaced it.
+                for unwritten, when in used[i:]:
+                    self.last_used.setdefault(unwritten, when)
+                raise
 
     # ---- admin operations ---------------------------------------------------------------
 
@@ -431,7 +436,7 @@ class KeyRegistry:
 
     async def _public(self, doc: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         shown = public_key(doc, self._wall() if now is None else now)
-        used = self._used.get(doc["id"])
+        used = self.last_used.get(doc["id"])
         if used is None:
             stored = await self._store.get_record(LAST_USED, doc["id"])
             used = stored["at"] if stored else None

@@ -204,3 +204,37 @@ async def test_a_key_revoked_during_an_outage_load_is_not_served_stale(tmp_path:
         await asyncio.wait_for(loading, timeout=2)
     await registry.close()
     await store.close()
+
+
+class FailingWrites(LocalStore):
+    """A LocalStore whose record writes fail after `allowed` of them (an outage mid-flush)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir=data_dir, clock=lambda: 0.0)
+        self.allowed = 10**9
+
+    async def put_record(self, kind: str, record_id: str, doc: dict[str, Any]) -> None:
+        if self.allowed <= 0:
+            raise StoreUnavailable("down for the test")
+        self.allowed -= 1
+        await super().put_record(kind, record_id, doc)
+
+
+async def test_last_use_times_a_failed_flush_did_not_write_are_kept(tmp_path: Path) -> None:
+    """Uses are written in batches; a batch the store fails part-way through is not lost:
+    what was not written is kept for the next flush, and a later use of a key wins."""
+    store = FailingWrites(tmp_path)
+    registry = KeyRegistry(store, KeyHasher(b"0123456789abcdef0123"), Config())
+    registry.last_used.update({"key_a": 1.0, "key_b": 2.0, "key_c": 3.0})
+    store.allowed = 1  # key_a is written, then the store fails
+    with pytest.raises(StoreUnavailable):
+        await registry._flush_used()
+    registry.last_used["key_c"] = 4.0  # used again meanwhile
+    assert registry.last_used == {"key_b": 2.0, "key_c": 4.0}
+    store.allowed = 10**9
+    await registry._flush_used()
+    assert registry.last_used == {}
+    written = {k: await store.get_record("key_last_used", k) for k in ("key_a", "key_b", "key_c")}
+    assert written == {"key_a": {"at": 1.0}, "key_b": {"at": 2.0}, "key_c": {"at": 4.0}}
+    await registry.close()
+    await store.close()
