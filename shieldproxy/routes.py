@@ -21,6 +21,7 @@ class Route:
     config: RouteConfig
     pattern: re.Pattern[str]
     methods: frozenset[str]
+    scopes: frozenset[str] = frozenset()  # what a key needs here (empty: by the method)
 
     def matches(self, method: str, path: str) -> bool:
         return (not self.methods or method in self.methods) and (
@@ -67,6 +68,7 @@ class RouteTable:
                 config=config,
                 pattern=compile_pattern(config.path),
                 methods=frozenset(config.methods),
+                scopes=frozenset(config.scopes),
             )
             for config in configs
         )

@@ -22,8 +22,8 @@ class ScopesCheck:
             return ALLOW  # auth not required on this route and no key given
         route = ctx.route
         needed: frozenset[str]
-        if route is not None and route.config.scopes:
-            needed = frozenset(route.config.scopes)
+        if route is not None and route.scopes:
+            needed = route.scopes
             if key.allows(needed):
                 return ALLOW
         elif ctx.request.method in READ_METHODS:
