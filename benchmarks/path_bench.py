@@ -117,7 +117,7 @@ async def measure(variant: rb.Variant, requests: int, work_dir: Path) -> dict[st
     (work_dir / "shieldproxy.toml").write_text(variant.config)
     config = load_config(work_dir / "shieldproxy.toml", env={})
     store = open_store("local", data_dir=work_dir)
-    limiter = RateLimiter(store, settings=LimiterSettings(reserve_seconds=0.05))
+    limiter = RateLimiter(store, settings=LimiterSettings())  # the defaults, reserves on
     registry = KeyRegistry(store, KeyHasher(b"path-bench-key-secret"), config)
     headers = {"Host": "127.0.0.1:8080", "User-Agent": "wrk", "Accept": "*/*"}
     if variant.plan:
