@@ -326,7 +326,6 @@ class RateLimiter:
         learns the reserves and cached denial the next request of that shape can use."""
         if not hits:
             return ALLOWED_NOTHING
-        self.stats.asked += 1
         now = self.now()
         # Storage keys first: an over-limit flood is answered from the cache below without
         # building a single LimitCall.
@@ -334,14 +333,20 @@ class RateLimiter:
             hit_set = self.hit_set(list(hits))
         keys_ = hit_set.keys
         if not hit_set.distinct:
-            return await self._check_merged(hits, keys_)
+            return await self._check_merged(hits, keys_)  # counted by the check it makes
         reserves = self.reservations
         needs = hit_set.needs
         if reserves is not None and needs is not None:
             taken = reserves.take(needs, keys_, now)
             if taken is not None:
                 self.stats.reserved += 1
+                if hit_set.spends is None:
+                    # Reserved for by another shape's store calls: this shape's next
+                    # requests spend from them at once too (take_reserved).
+                    hit_set.reserves = taken
+                    hit_set.spends = spends_of(taken, needs)
                 return _reserved_verdict(hits, taken, now)
+        self.stats.asked += 1  # a check answered from reserves counts as `reserved` only
         cached: tuple[float, int] | None = None
         for i, (h, key) in enumerate(zip(hits, keys_, strict=True)):
             if h.rule.shadow or h.cost < 1 or h.rule.strategy == "concurrency":
@@ -385,8 +390,7 @@ class RateLimiter:
             # ahead of this one) are counted already: spending them here rather than denying
             # keeps a burst from ending with units held that no later request comes to spend.
             taken = reserves.take(needs, keys_, now)
-        if taken is not None:
-            self.stats.reserved += 1
+        if taken is not None:  # counted as asked: it made a store call
             verdict = _reserved_verdict(hits, taken, now)
         else:
             # Units this instance holds for these keys (this grant's and earlier ones) are

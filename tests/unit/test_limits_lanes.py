@@ -418,3 +418,49 @@ async def test_a_refill_is_never_spent_past_its_window(
         await asyncio.sleep(0)  # refills run
     assert limiter.stats.refills > 0
     assert spent_late > 0  # the new window's reserves were used too
+
+
+async def test_a_shape_served_from_reserves_another_shape_got_spends_from_them_at_once(
+    tmp_path: Path, closing: list[Closable]
+) -> None:
+    """Two shapes (HitSets) over the same keys: the first makes the store calls that reserve,
+    and the second's first check is answered from those reserves. From then on the second
+    spends from them without a check of its own (take_reserved), instead of running the slower
+    check() path until its reserves ran dry."""
+    store = open_store("local", data_dir=tmp_path)
+    limiter = RateLimiter(store, settings=LimiterSettings(reserve_seconds=60.0))
+    closing += [store, limiter]
+    rule = LimitRule("shared", "key", "fixed_window", 10**6, WINDOW)
+    first = limiter.hit_set([Hit(rule, "k")])
+    for _ in range(3):  # a first sighting, then a grant: the key is reserved for
+        assert (await limiter.check(first.hits, first)).allowed
+    assert limiter.take_reserved(first, limiter.now())
+    second = limiter.hit_set([Hit(rule, "k")])
+    assert limiter.take_reserved(second, limiter.now()) is None  # nothing known about it yet
+    checks, asked = limiter.stats.checks, limiter.stats.asked
+    assert (await limiter.check(second.hits, second)).allowed  # from the reserves
+    assert limiter.take_reserved(second, limiter.now())
+    # Each request counted once, as answered from reserves (it made no store call).
+    assert (limiter.stats.checks, limiter.stats.asked) == (checks + 2, asked)
+
+
+async def test_every_check_is_counted_once_whichever_path_answers_it(
+    tmp_path: Path, closing: list[Closable]
+) -> None:
+    """`checks` (exported to /metrics) counts requests: one that matched the same rule twice
+    (its hits merged into one check) and one admitted from units reserved by the very store
+    call it made are each one check, not two."""
+    store = open_store("local", data_dir=tmp_path)
+    limiter = RateLimiter(store, settings=LimiterSettings(reserve_seconds=60.0))
+    closing += [store, limiter]
+    rule = LimitRule("twice", "key", "fixed_window", 10**6, WINDOW)
+    for n in range(1, 6):
+        assert (await limiter.check([Hit(rule, "k"), Hit(rule, "k")])).allowed
+        assert limiter.stats.checks == n
+    other = LimitRule("once", "key", "fixed_window", 10**6, WINDOW)
+    hs = limiter.hit_set([Hit(other, "k")])
+    for n in range(6, 12):
+        if not limiter.take_reserved(hs, limiter.now()):
+            assert (await limiter.check(hs.hits, hs)).allowed
+        assert limiter.stats.checks == n
+    assert limiter.stats.reserved > 0
