@@ -133,7 +133,8 @@ class LimiterStats:
     def counts(self) -> dict[str, int]:
         """The counters by event name, as exported: `checks` in place of `asked`."""
         counts = dataclasses.asdict(self)
-        counts["checks"] = counts.pop("asked") + self.reserved
+        del counts["asked"]
+        counts["checks"] = self.checks
         return counts
 
 
@@ -162,6 +163,12 @@ class HitSet:
     spends: tuple[Spend, ...] | None = None
     denied_until: float = 0.0  # limiter clock: the over-limit cache denies these hits until...
     denial: Verdict | None = None  # ...with this verdict (the last one it gave)
+
+    def hold(self, found: list[Reserve] | None) -> None:
+        """Spend from these reserves, one per hit, from now on (None: none known)."""
+        self.reserves = found or []
+        needs = self.needs
+        self.spends = None if found is None or needs is None else spends_of(found, needs)
 
 
 class RateLimiter:
@@ -343,8 +350,7 @@ class RateLimiter:
                 if hit_set.spends is None:
                     # Reserved for by another shape's store calls: this shape's next
                     # requests spend from them at once too (take_reserved).
-                    hit_set.reserves = taken
-                    hit_set.spends = spends_of(taken, needs)
+                    hit_set.hold(taken)
                 return _reserved_verdict(hits, taken, now)
         self.stats.asked += 1  # a check answered from reserves counts as `reserved` only
         cached: tuple[float, int] | None = None
@@ -378,9 +384,7 @@ class RateLimiter:
         if reserves is not None:
             reserves.settle(keys_, calls, results, now)
             if needs is not None:
-                found = reserves.lookup(keys_)
-                hit_set.reserves = found or []
-                hit_set.spends = None if found is None else spends_of(found, needs)
+                hit_set.hold(reserves.lookup(keys_))
         self._degraded = False
         if self._backlog:
             self._owed_to_store()

@@ -152,7 +152,6 @@ class Reservations:
 
     def _take(self, spends: Sequence[Spend], now: float) -> int:
         """take_from() in full: short, expired or granted under another limit, or low."""
-        early = self._early
         taken = TAKEN
         for r, cost, limit in spends:
             left = r.left - cost
@@ -160,11 +159,17 @@ class Reservations:
                 _undo(spends, r)  # an evicted reserve has nothing left: it fails here too
                 return NOT_TAKEN
             r.left = left
-            if not r.asking and (
-                2 * left < r.full or not (r.capped or now < r.valid_until - early)
-            ):
+            if self._low(r, now):
                 taken = TAKEN_LOW
         return taken
+
+    def _low(self, r: Reserve, now: float) -> bool:
+        """Worth topping up (unless already asking): half of what it held after its last
+        grant is spent, or half of its time has passed. Time runs out at a window's end
+        whatever is asked: a capped reserve is low by its units only."""
+        return not r.asking and (
+            2 * r.left < r.full or not (r.capped or now < r.valid_until - self._early)
+        )
 
     def _mark(self, r: Reserve) -> None:
         """Fold _take's tests for `r` into its floor and quick_until, after anything they read
@@ -225,12 +230,9 @@ class Reservations:
         its reserves: without it, every reserve runs dry now and then, and the requests that
         find it so wait for the store.
         """
-        early = self._early
         out: list[tuple[int, int]] | None = None
         for i, r in enumerate(found):
-            # Time runs out at a window's end whatever is asked: only units then say "low".
-            timely = r.capped or now < r.valid_until - early
-            if r.asking or (2 * r.left >= r.full and timely):
+            if not self._low(r, now):
                 continue  # the common case: nothing allocated
             if (units := self._ask(r, now, r.left if now < r.valid_until else 0)) > 0:
                 if out is None:
